@@ -1,0 +1,288 @@
+"""Binary codes: the sign straight-through estimator and packing to uint64 words.
+
+Layout (used everywhere in fasthash, on CPU and GPU): bit ``j`` of an L-bit code is bit
+``j % 64`` (least significant first) of word ``j // 64``; a code occupies ``ceil(L / 64)`` words
+and the padding bits of the last word are 0. A ``+1`` (or 1 / True) sets the bit, ``-1`` (or 0 /
+False) clears it, so the Hamming distance of two ±1 codes equals ``popcount(a XOR b)``.
+
+NumPy inputs give ``np.uint64`` words. Torch inputs give ``torch.int64`` words on the same device
+(the same 64 bits; torch's uint64 supports too few ops), which every fasthash op accepts.
+
+The FAISS binary layout is one uint8 per 8 bits, least significant bit first, i.e. exactly the
+little-endian bytes of our words: :func:`to_faiss_bytes` / :func:`from_faiss_bytes` convert.
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import numpy as np
+import torch
+
+ArrayLike = Union[np.ndarray, torch.Tensor]
+
+__all__ = [
+    "sign_ste",
+    "pack_codes",
+    "unpack_codes",
+    "to_faiss_bytes",
+    "from_faiss_bytes",
+    "num_words",
+    "as_words_numpy",
+]
+
+
+def num_words(bits: int) -> int:
+    """Number of uint64 words that hold an L-bit code: ``ceil(bits / 64)``."""
+    return (int(bits) + 63) // 64
+
+
+def sign_ste(x: torch.Tensor) -> torch.Tensor:
+    """Sign with a straight-through gradient: ±1 forward (``sign(0) = +1``), identity backward.
+
+    Args:
+        x: real-valued tensor (typically ``sigmoid(logits) - 0.5`` or logits).
+
+    Shape:
+        any; the output has the shape and dtype of ``x``.
+
+    Returns:
+        ``torch.where(x >= 0, 1, -1)`` whose gradient w.r.t. ``x`` is the identity.
+
+    Example:
+        >>> x = torch.tensor([-0.2, 0.0, 0.7], requires_grad=True)
+        >>> b = sign_ste(x); b.sum().backward()
+        >>> b.tolist(), x.grad.tolist()
+        ([-1.0, 1.0, 1.0], [1.0, 1.0, 1.0])
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+    hard = torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))
+    return x + (hard - x).detach()
+
+
+def _to_bits(codes: ArrayLike, name: str) -> ArrayLike:
+    """Validate codes and return a bool array/tensor of the same kind (True = bit set)."""
+    if isinstance(codes, torch.Tensor):
+        if codes.ndim != 2:
+            raise ValueError(f"{name} must be 2-D [N, L], got shape {tuple(codes.shape)}")
+        if codes.dtype == torch.bool:
+            return codes
+        c = codes.detach()
+        if c.is_floating_point():
+            if not torch.isfinite(c).all():
+                raise ValueError(f"{name} contains NaN or inf; expected ±1 values")
+            if not ((c == 1) | (c == -1)).all():
+                raise ValueError(
+                    f"{name} (floating point) must hold only -1 and +1; binarise first, "
+                    "e.g. with fasthash.sign_ste or torch.where(x >= 0, 1.0, -1.0)"
+                )
+            return c > 0
+        if c.is_complex():
+            raise TypeError(f"{name} must be real (±1 floats, 0/1 integers or bools)")
+        if not ((c == 0) | (c == 1)).all():
+            raise ValueError(f"{name} (integer) must hold only 0 and 1")
+        return c == 1
+    if isinstance(codes, np.ndarray):
+        if codes.ndim != 2:
+            raise ValueError(f"{name} must be 2-D [N, L], got shape {codes.shape}")
+        if codes.dtype == np.bool_:
+            return codes
+        if np.issubdtype(codes.dtype, np.floating):
+            if not np.isfinite(codes).all():
+                raise ValueError(f"{name} contains NaN or inf; expected ±1 values")
+            if not ((codes == 1) | (codes == -1)).all():
+                raise ValueError(
+                    f"{name} (floating point) must hold only -1 and +1; binarise first, "
+                    "e.g. np.where(x >= 0, 1.0, -1.0)"
+                )
+            return codes > 0
+        if np.issubdtype(codes.dtype, np.integer):
+            if not ((codes == 0) | (codes == 1)).all():
+                raise ValueError(f"{name} (integer) must hold only 0 and 1")
+            return codes == 1
+        raise TypeError(f"{name} must hold ±1 floats, 0/1 integers or bools, got {codes.dtype}")
+    raise TypeError(f"{name} must be a numpy array or torch tensor, got {type(codes).__name__}")
+
+
+def pack_codes(codes: ArrayLike, bits: int | None = None) -> ArrayLike:
+    """Pack binary codes into uint64 words (bit j -> bit j % 64 of word j // 64).
+
+    Args:
+        codes: ±1 floats, {0, 1} integers or bools; numpy array or torch tensor (any device).
+        bits: the code length L; defaults to ``codes.shape[1]`` and must equal it when given.
+
+    Shape:
+        codes ``[N, L]`` -> words ``[N, ceil(L / 64)]``.
+
+    Returns:
+        ``np.uint64`` words for numpy input; ``torch.int64`` words (same bits) on the input's
+        device for torch input.
+
+    Example:
+        >>> pack_codes(np.array([[1, -1, 1.0]]))
+        array([[5]], dtype=uint64)
+    """
+    b = _to_bits(codes, "codes")
+    n, length = b.shape
+    if bits is not None and int(bits) != length:
+        raise ValueError(f"bits must equal codes.shape[1] = {length}, got {bits}")
+    if length < 1:
+        raise ValueError("codes must have at least one bit (shape [N, L] with L >= 1)")
+    w = num_words(length)
+    pad = w * 64 - length
+    if isinstance(b, np.ndarray):
+        if pad:
+            b = np.concatenate([b, np.zeros((n, pad), dtype=bool)], axis=1)
+        packed = np.packbits(b.reshape(n, w * 8, 8), axis=-1, bitorder="little")
+        return np.ascontiguousarray(packed.reshape(n, w * 8)).view("<u8").astype(np.uint64)
+    # Torch path (any device): the bits of a word are distinct powers of two, so their sum is
+    # their OR; 1 << 63 is the int64 minimum and the sum still has the intended bit pattern.
+    bb = b.to(torch.int64)
+    if pad:
+        bb = torch.nn.functional.pad(bb, (0, pad))
+    shifts = torch.arange(64, device=bb.device, dtype=torch.int64)
+    weights = torch.bitwise_left_shift(torch.ones_like(shifts), shifts)
+    return (bb.reshape(n, w, 64) * weights).sum(dim=-1).contiguous()
+
+
+def _check_words(words: ArrayLike, bits: int, name: str = "words") -> None:
+    if int(bits) < 1:
+        raise ValueError(f"bits must be >= 1, got {bits}")
+    if words.ndim != 2:
+        raise ValueError(f"{name} must be 2-D [N, W], got shape {tuple(words.shape)}")
+    if words.shape[1] != num_words(bits):
+        raise ValueError(
+            f"{name} must have ceil(bits / 64) = {num_words(bits)} words per row for bits={bits}, "
+            f"got {words.shape[1]}"
+        )
+
+
+def unpack_codes(words: ArrayLike, bits: int) -> ArrayLike:
+    """Unpack uint64 words into ±1 float32 codes (inverse of :func:`pack_codes`).
+
+    Args:
+        words: ``np.uint64`` array or ``torch.int64`` / ``torch.uint64`` tensor.
+        bits: the code length L.
+
+    Shape:
+        words ``[N, ceil(L / 64)]`` -> codes ``[N, L]``.
+
+    Returns:
+        float32 ±1 codes, numpy for numpy input, torch (same device) for torch input.
+
+    Example:
+        >>> unpack_codes(np.array([[5]], dtype=np.uint64), 3)
+        array([[ 1., -1.,  1.]], dtype=float32)
+    """
+    if isinstance(words, np.ndarray):
+        if words.dtype not in (np.uint64, np.int64):
+            raise TypeError(f"words must be uint64, got {words.dtype}")
+        _check_words(words, bits)
+        n = words.shape[0]
+        u8 = np.ascontiguousarray(words).view(np.uint8).reshape(n, -1)
+        b = np.unpackbits(u8, axis=1, bitorder="little")[:, :bits]
+        return np.where(b.astype(bool), np.float32(1), np.float32(-1))
+    if isinstance(words, torch.Tensor):
+        if words.dtype not in (torch.int64, torch.uint64):
+            raise TypeError(f"words must be torch.int64 (or uint64), got {words.dtype}")
+        _check_words(words, bits)
+        w = words.view(torch.int64) if words.dtype == torch.uint64 else words
+        shifts = torch.arange(64, device=w.device, dtype=torch.int64)
+        b = torch.bitwise_and(torch.bitwise_right_shift(w.unsqueeze(-1), shifts), 1)
+        b = b.reshape(w.shape[0], -1)[:, :bits]
+        return b.to(torch.float32) * 2 - 1
+    raise TypeError(f"words must be a numpy array or torch tensor, got {type(words).__name__}")
+
+
+def as_words_numpy(words: ArrayLike, name: str = "words") -> np.ndarray:
+    """View packed words as a C-contiguous ``np.uint64`` array without copying when possible.
+
+    Accepts ``np.uint64`` (or ``np.int64``) arrays and CPU ``torch.int64`` / ``torch.uint64``
+    tensors. Raises ``TypeError`` naming ``name`` for anything else.
+    """
+    if isinstance(words, torch.Tensor):
+        if words.device.type != "cpu":
+            raise ValueError(f"{name} must be on the CPU here, got device {words.device}")
+        if words.dtype not in (torch.int64, torch.uint64):
+            raise TypeError(f"{name} must hold packed words as torch.int64, got {words.dtype}")
+        arr = words.detach().numpy()
+    elif isinstance(words, np.ndarray):
+        arr = words
+    else:
+        raise TypeError(f"{name} must be a numpy array or torch tensor, got {type(words).__name__}")
+    if arr.dtype == np.int64:
+        arr = arr.view(np.uint64)
+    if arr.dtype != np.uint64:
+        raise TypeError(f"{name} must be packed uint64 words, got dtype {arr.dtype}")
+    if arr.ndim != 2:
+        raise ValueError(f"{name} must be 2-D [N, W], got shape {arr.shape}")
+    return arr
+
+
+def to_faiss_bytes(words: ArrayLike, bits: int) -> np.ndarray:
+    """Convert packed words to FAISS's binary layout (uint8, ``ceil(L / 8)`` bytes per code).
+
+    FAISS needs a dimension divisible by 8: for L not a multiple of 8 the index dimension is
+    ``8 * ceil(L / 8)`` and the extra bits are 0 in every code, so distances are unchanged.
+
+    Args:
+        words: packed words (see :func:`pack_codes`).
+        bits: the code length L.
+
+    Shape:
+        ``[N, ceil(L / 64)]`` -> ``[N, ceil(L / 8)]``.
+
+    Returns:
+        C-contiguous ``np.uint8`` array for ``faiss.IndexBinaryFlat(8 * ceil(L / 8))``.
+
+    Example:
+        >>> to_faiss_bytes(np.array([[5]], dtype=np.uint64), 3)
+        array([[5]], dtype=uint8)
+    """
+    arr = as_words_numpy(words)
+    _check_words(arr, bits)
+    nbytes = (int(bits) + 7) // 8
+    return np.ascontiguousarray(np.ascontiguousarray(arr).view(np.uint8)[:, :nbytes])
+
+
+def from_faiss_bytes(codes_u8: np.ndarray, bits: int) -> np.ndarray:
+    """Convert FAISS binary codes (uint8, LSB first) to packed uint64 words.
+
+    Args:
+        codes_u8: ``np.uint8`` array ``[N, ceil(L / 8)]`` as stored by ``IndexBinaryFlat``.
+        bits: the code length L; bits beyond L must be 0.
+
+    Shape:
+        ``[N, ceil(L / 8)]`` -> ``[N, ceil(L / 64)]``.
+
+    Returns:
+        ``np.uint64`` words.
+
+    Example:
+        >>> from_faiss_bytes(np.array([[5]], dtype=np.uint8), 3)
+        array([[5]], dtype=uint64)
+    """
+    if not isinstance(codes_u8, np.ndarray) or codes_u8.dtype != np.uint8:
+        raise TypeError("codes_u8 must be a numpy uint8 array")
+    if codes_u8.ndim != 2:
+        raise ValueError(f"codes_u8 must be 2-D [N, bytes], got shape {codes_u8.shape}")
+    if int(bits) < 1:
+        raise ValueError(f"bits must be >= 1, got {bits}")
+    nbytes = (int(bits) + 7) // 8
+    if codes_u8.shape[1] != nbytes:
+        raise ValueError(
+            f"codes_u8 must have ceil(bits / 8) = {nbytes} bytes per row for bits={bits}, "
+            f"got {codes_u8.shape[1]}"
+        )
+    n = codes_u8.shape[0]
+    w = num_words(bits)
+    buf = np.zeros((n, w * 8), dtype=np.uint8)
+    buf[:, :nbytes] = codes_u8
+    if bits % 8:
+        tail = np.uint8((1 << (bits % 8)) - 1)
+        if (buf[:, nbytes - 1] & ~tail).any():
+            raise ValueError(f"codes_u8 has bits set beyond bits={bits}")
+    return buf.view("<u8").astype(np.uint64)

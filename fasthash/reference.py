@@ -1,0 +1,457 @@
+"""Pure-torch references: THE specification of every fasthash op.
+
+Every fast path (C++ search, Triton kernels, blocked CPU losses) is tested against these
+functions, CPU fallbacks call them, and benchmarks use them as the naive baseline. They favour
+clarity over speed and work in float64 when given float64. The math follows
+``shared/BRCD_SPEC.md`` §3-5.
+
+Packed codes use the layout of :mod:`fasthash.codes` (bit j -> bit j % 64 of word j // 64).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+__all__ = [
+    "masked_similarity_ref",
+    "hamming_distance_ref",
+    "topk_ref",
+    "radius_ref",
+    "nt_xent_ref",
+    "bernoulli_kl_ref",
+    "brcd_loss_ref",
+    "check_codes",
+    "words_to_torch",
+]
+
+# popcount of every byte value; exact integer Hamming distances without a torch popcount op
+_POPCOUNT8 = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
+
+
+def check_codes(x: torch.Tensor, name: str, length: int | None = None) -> None:
+    """Raise a clear error unless ``x`` is a finite floating-point [N, L] tensor."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor of relaxed codes, got {x.dtype}")
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be 2-D [N, L], got shape {tuple(x.shape)}")
+    if x.shape[0] < 1 or x.shape[1] < 1:
+        raise ValueError(f"{name} must have at least one row and one bit, got {tuple(x.shape)}")
+    if length is not None and x.shape[1] != length:
+        raise ValueError(f"{name} must have L = {length} bits per row, got {x.shape[1]}")
+    if not torch.isfinite(x.detach()).all():
+        raise ValueError(f"{name} contains NaN or inf")
+
+
+def _check_mask(mask: torch.Tensor | None, name: str, rows: int, length: int) -> torch.Tensor | None:
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(mask).__name__}")
+    if mask.ndim != 2 or mask.shape[1] != length:
+        raise ValueError(f"{name} must have shape [{rows}, {length}], got {tuple(mask.shape)}")
+    if mask.shape[0] != rows:
+        raise ValueError(f"{name} must have {rows} rows, got {mask.shape[0]}")
+    m = mask.detach()
+    if not ((m == 0) | (m == 1)).all():
+        raise ValueError(f"{name} must hold only 0 and 1")
+    return m
+
+
+def masked_similarity_ref(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    mask_x: torch.Tensor | None = None,
+    mask_y: torch.Tensor | None = None,
+) -> torch.Tensor:
+    r"""Bit-masked cosine similarity of relaxed codes.
+
+    .. math::
+        S[a, b] = \frac{\sum_j m^x_{aj} m^y_{bj} x_{aj} y_{bj}}
+                       {\lVert m^x_a \odot x_a \rVert \, \lVert m^y_b \odot y_b \rVert}
+
+    and ``S[a, b] = 0`` when either masked norm is 0 (e.g. an empty mask). On ±1 codes this is
+    ``(popcount(I) - 2 * popcount((x XOR y) AND I)) / sqrt(popcount(m_a) * popcount(m_b))`` with
+    ``I = m_a AND m_b``; unmasked it is ``1 - 2 * hamming / L``. Masked-out bits get exactly zero
+    gradient.
+
+    Args:
+        x: relaxed codes. y: relaxed codes with the same L.
+        mask_x, mask_y: {0, 1} per-row masks or None (all ones).
+
+    Shape:
+        x ``[N, L]``, y ``[M, L]``, mask_x ``[N, L]``, mask_y ``[M, L]`` -> ``[N, M]``.
+
+    Returns:
+        similarities in the dtype of ``x``.
+
+    Example:
+        >>> x = torch.tensor([[1., -1., 1.]]); masked_similarity_ref(x, x)
+        tensor([[1.]])
+    """
+    check_codes(x, "x")
+    check_codes(y, "y", x.shape[1])
+    n, length = x.shape
+    mx = _check_mask(mask_x, "mask_x", n, length)
+    my = _check_mask(mask_y, "mask_y", y.shape[0], length)
+    xm = x if mx is None else x * mx.to(x.dtype)
+    ym = y if my is None else y * my.to(y.dtype)
+    num = xm @ ym.T
+    den = xm.norm(dim=1, keepdim=True) * ym.norm(dim=1, keepdim=True).T
+    ok = den > 0
+    return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
+
+
+def words_to_torch(words: np.ndarray | torch.Tensor, name: str = "words") -> torch.Tensor:
+    """Packed words as a ``torch.int64`` tensor [N, W] (numpy uint64 is reinterpreted, not cast)."""
+    if isinstance(words, np.ndarray):
+        if words.dtype not in (np.uint64, np.int64):
+            raise TypeError(f"{name} must be packed uint64 words, got dtype {words.dtype}")
+        t = torch.from_numpy(np.ascontiguousarray(words).view(np.int64))
+    elif isinstance(words, torch.Tensor):
+        if words.dtype == torch.uint64:
+            t = words.view(torch.int64)
+        elif words.dtype == torch.int64:
+            t = words
+        else:
+            raise TypeError(f"{name} must be packed words as torch.int64, got {words.dtype}")
+    else:
+        raise TypeError(f"{name} must be a numpy array or torch tensor, got {type(words).__name__}")
+    if t.ndim != 2:
+        raise ValueError(f"{name} must be 2-D [N, W], got shape {tuple(t.shape)}")
+    return t
+
+
+def _popcount(t: torch.Tensor) -> torch.Tensor:
+    """Per-word popcount of an int64 tensor (exact), summed over the last axis."""
+    u8 = t.contiguous().view(torch.uint8).reshape(*t.shape, 8)
+    return _POPCOUNT8.to(t.device)[u8.long()].sum(dim=(-1, -2))
+
+
+def _prepare_search(q_words, x_words, mask):
+    q = words_to_torch(q_words, "queries")
+    x = words_to_torch(x_words, "gallery")
+    if q.shape[1] != x.shape[1]:
+        raise ValueError(
+            f"gallery must have the same number of words per code as queries ({q.shape[1]}), "
+            f"got {x.shape[1]}"
+        )
+    if x.shape[0] < 1:
+        raise ValueError("gallery must contain at least one code")
+    m = None
+    if mask is not None:
+        m = words_to_torch(mask.reshape(1, -1) if mask.ndim == 1 else mask, "mask")
+        if m.shape[1] != q.shape[1]:
+            raise ValueError(f"mask must have {q.shape[1]} words per row, got {m.shape[1]}")
+        if m.shape[0] not in (1, q.shape[0]):
+            raise ValueError(
+                f"mask must be one mask [W] or one per query [{q.shape[0]}, W], "
+                f"got {m.shape[0]} rows"
+            )
+    return q, x, m
+
+
+def hamming_distance_ref(
+    q_words: np.ndarray | torch.Tensor,
+    x_words: np.ndarray | torch.Tensor,
+    mask: np.ndarray | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Exact (masked) Hamming distances of packed codes.
+
+    ``D[i, j] = popcount((q_i XOR x_j) AND m_i)`` with ``m_i`` the global mask [W], the i-th row
+    of a per-query mask [Q, W], or all ones.
+
+    Args:
+        q_words: packed query words. x_words: packed gallery words. mask: packed mask words.
+
+    Shape:
+        ``[Q, W]`` x ``[N, W]`` -> ``[Q, N]``.
+
+    Returns:
+        int64 distances.
+
+    Example:
+        >>> hamming_distance_ref(np.array([[5]], np.uint64), np.array([[6]], np.uint64))
+        tensor([[2]])
+    """
+    q, x, m = _prepare_search(q_words, x_words, mask)
+    diff = torch.bitwise_xor(q[:, None, :], x[None, :, :])
+    if m is not None:
+        diff = torch.bitwise_and(diff, m[:, None, :])
+    return _popcount(diff)
+
+
+def topk_ref(
+    q_words: np.ndarray | torch.Tensor,
+    x_words: np.ndarray | torch.Tensor,
+    k: int,
+    mask: np.ndarray | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k by Hamming distance, ties broken by gallery index (a stable sort).
+
+    Args:
+        q_words, x_words, mask: as in :func:`hamming_distance_ref`. k: 1 <= k <= N.
+
+    Shape:
+        ``[Q, W]`` x ``[N, W]`` -> distances ``[Q, k]``, indices ``[Q, k]``.
+
+    Returns:
+        (int32 distances, int64 gallery indices), each row ordered by (distance, index).
+
+    Example:
+        >>> d, i = topk_ref(np.array([[0]], np.uint64), np.array([[3], [1], [1]], np.uint64), 2)
+        >>> d.tolist(), i.tolist()
+        ([[1, 1]], [[1, 2]])
+    """
+    dist = hamming_distance_ref(q_words, x_words, mask)
+    n = dist.shape[1]
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n:
+        raise ValueError(f"k must be an integer with 1 <= k <= N = {n}, got {k!r}")
+    d, i = torch.sort(dist, dim=1, stable=True)
+    return d[:, :k].to(torch.int32), i[:, :k]
+
+
+def radius_ref(
+    q_words: np.ndarray | torch.Tensor,
+    x_words: np.ndarray | torch.Tensor,
+    r: int,
+    mask: np.ndarray | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every gallery item within Hamming distance ``r`` (inclusive), FAISS range-search style.
+
+    Args:
+        q_words, x_words, mask: as in :func:`hamming_distance_ref`. r: radius >= 0.
+
+    Shape:
+        -> lims ``[Q + 1]``, distances ``[lims[-1]]``, indices ``[lims[-1]]``.
+
+    Returns:
+        (int64 lims, int32 distances, int64 indices); query i's results are
+        ``[lims[i], lims[i+1])``, ordered by (distance, index).
+
+    Example:
+        >>> lims, d, i = radius_ref(np.array([[0]], np.uint64), np.array([[3], [1]], np.uint64), 1)
+        >>> lims.tolist(), d.tolist(), i.tolist()
+        ([0, 1], [1], [1])
+    """
+    if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or r < 0:
+        raise ValueError(f"r must be a non-negative integer, got {r!r}")
+    dist = hamming_distance_ref(q_words, x_words, mask)
+    d_sorted, i_sorted = torch.sort(dist, dim=1, stable=True)
+    keep = d_sorted <= r
+    counts = keep.sum(dim=1)
+    lims = torch.zeros(dist.shape[0] + 1, dtype=torch.int64)
+    lims[1:] = torch.cumsum(counts, 0)
+    return lims, d_sorted[keep].to(torch.int32), i_sorted[keep]
+
+
+def _cosine(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """All-pairs cosine similarity [N, M]; 0 for a zero row."""
+    return masked_similarity_ref(x, y)
+
+
+def nt_xent_ref(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.3) -> torch.Tensor:
+    r"""SimCLR NT-Xent over the 2B rows of two views, cosine similarity.
+
+    With ``z = [z1; z2]`` and ``s[a, b] = cos(z_a, z_b) / tau``, row ``a``'s positive is its
+    other view ``p(a) = (a + B) mod 2B`` and its negatives are the other 2B - 2 rows:
+
+    .. math:: \mathcal{L} = \frac{1}{2B} \sum_a \Big[-s[a, p(a)]
+              + \log \sum_{b \ne a} e^{s[a, b]}\Big]
+
+    Args:
+        z1, z2: the two views' (relaxed) codes. temperature: tau > 0.
+
+    Shape:
+        ``[B, L]`` and ``[B, L]`` -> scalar.
+
+    Returns:
+        the mean loss (a 0-dim tensor).
+
+    Example:
+        >>> z = torch.eye(4); nt_xent_ref(z[:2], z[:2], 0.3) < nt_xent_ref(z[:2], z[2:], 0.3)
+        tensor(True)
+    """
+    check_codes(z1, "z1")
+    check_codes(z2, "z2", z1.shape[1])
+    if z2.shape[0] != z1.shape[0]:
+        raise ValueError(f"z2 must have B = {z1.shape[0]} rows like z1, got {z2.shape[0]}")
+    _check_temperature(temperature)
+    b = z1.shape[0]
+    z = torch.cat([z1, z2], dim=0)
+    s = _cosine(z, z) / temperature
+    eye = torch.eye(2 * b, dtype=torch.bool, device=z.device)
+    s = s.masked_fill(eye, float("-inf"))
+    partner = torch.arange(2 * b, device=z.device).add(b).remainder(2 * b)
+    return (torch.logsumexp(s, dim=1) - s[torch.arange(2 * b), partner]).mean()
+
+
+def _check_temperature(temperature: float) -> None:
+    if not (isinstance(temperature, (int, float)) and np.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+
+
+def bernoulli_kl_ref(p1: torch.Tensor, p2: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    r"""Symmetric Bernoulli KL of two views' bit probabilities, with stop-gradient targets.
+
+    .. math:: \tfrac12\big[\mathrm{KL}(p^1 \,\|\, \mathrm{sg}\,p^2)
+              + \mathrm{KL}(p^2 \,\|\, \mathrm{sg}\,p^1)\big]
+
+    where ``KL(p || q) = sum_j p_j log(p_j / q_j) + (1 - p_j) log((1 - p_j) / (1 - q_j))`` is summed
+    over bits and averaged over the batch (CIBHash). Probabilities are clamped to
+    ``[eps, 1 - eps]`` inside the logarithms.
+
+    Args:
+        p1, p2: bit probabilities ``sigmoid(logits)`` of the two views.
+
+    Shape:
+        ``[B, L]`` and ``[B, L]`` -> scalar.
+
+    Returns:
+        the mean symmetric KL (a 0-dim tensor).
+
+    Example:
+        >>> p = torch.full((2, 4), 0.3); bernoulli_kl_ref(p, p)
+        tensor(0.)
+    """
+    check_codes(p1, "p1")
+    check_codes(p2, "p2", p1.shape[1])
+    if p1.shape != p2.shape:
+        raise ValueError(f"p2 must have shape {tuple(p1.shape)}, got {tuple(p2.shape)}")
+    for name, p in (("p1", p1), ("p2", p2)):
+        if ((p.detach() < 0) | (p.detach() > 1)).any():
+            raise ValueError(f"{name} must hold probabilities in [0, 1]")
+
+    def kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        p = p.clamp(eps, 1 - eps)
+        q = q.detach().clamp(eps, 1 - eps)
+        out = p * (p.log() - q.log()) + (1 - p) * ((1 - p).log() - (1 - q).log())
+        return out.sum(dim=1).mean()
+
+    return 0.5 * (kl(p1, p2) + kl(p2, p1))
+
+
+def brcd_loss_ref(
+    student: torch.Tensor,
+    teacher_same_view: torch.Tensor,
+    teacher_other_view: torch.Tensor,
+    mask_table: torch.Tensor | None = None,
+    cluster_ids: torch.Tensor | None = None,
+    aug_cluster_ids: torch.Tensor | None = None,
+    alpha: float = 0.8,
+    temperature: float = 0.3,
+) -> torch.Tensor:
+    r"""The BRCD distillation term (BRCD_SPEC §3-5), mean over the 2B rows.
+
+    For sample k: student anchor code ``s_k`` (view 1), teacher codes ``t_k`` (view 1) and
+    ``t'_k`` (view 2), cluster ``c_k``, mask row ``m_k = M[c_k]``.
+
+    * ``Z = [m ⊙ s ; m ⊙ t']`` (2B x L): both rows of sample k use sample k's mask.
+    * ``G[a, b] = S(Z_a, Z_b) / tau`` with S the masked cosine of :func:`masked_similarity_ref`.
+    * ``A_k = cos(s_k, t_k) / tau`` (unmasked, same view).
+    * ``P_k = alpha_k A_k + (1 - alpha_k) G[k, B + k]``, the positive logit of rows k and B + k;
+      ``alpha_k = 1`` for an offset positive (``aug_cluster_ids[k] != cluster_ids[k]``), else alpha.
+    * Row a (sample ``k = a mod B``) has negatives ``G[a, b]`` for every ``b`` other than a and
+      its partner, except false negatives: columns whose cluster equals ``c_k`` are removed
+      exactly (student columns b < B use ``c_b``, teacher columns use ``aug_cluster_ids``).
+    * ``L = mean_a [ -P + log(exp(P) + sum_{kept b} exp(G[a, b])) ]``.
+
+    Without ``cluster_ids`` every mask row is ``mask_table[0]`` if a one-row table is given, else
+    all ones, and no false negative or offset positive is detected. Teacher inputs are detached.
+
+    Args:
+        student: student codes s (gradient flows). teacher_same_view: t. teacher_other_view: t'.
+        mask_table: {0, 1} per-cluster bit masks M, or None (all ones).
+        cluster_ids: c, int64 in [0, C). aug_cluster_ids: ĉ (nearest centroid of the UNMASKED
+            t'), or None (= cluster_ids: no offset positives, teacher columns use c).
+        alpha: weight of the individual-space positive, in [0, 1]. temperature: tau > 0.
+
+    Shape:
+        student, teachers ``[B, L]``; mask_table ``[C, L]``; ids ``[B]`` -> scalar.
+
+    Returns:
+        the mean BRCD loss (a 0-dim tensor).
+
+    Example:
+        >>> s = torch.tensor([[1., -1.], [-1., 1.]]); brcd_loss_ref(s, s, s).item() < 0.1
+        True
+    """
+    check_codes(student, "student")
+    bsz, length = student.shape
+    t = teacher_same_view.detach()
+    t2 = teacher_other_view.detach()
+    check_codes(t, "teacher_same_view", length)
+    check_codes(t2, "teacher_other_view", length)
+    for name, v in (("teacher_same_view", t), ("teacher_other_view", t2)):
+        if v.shape[0] != bsz:
+            raise ValueError(f"{name} must have B = {bsz} rows like student, got {v.shape[0]}")
+    _check_temperature(temperature)
+    if not (isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0):
+        raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
+
+    dev, dt = student.device, student.dtype
+    if mask_table is not None:
+        _check_mask(mask_table, "mask_table", mask_table.shape[0], length)
+        if mask_table.shape[0] < 1:
+            raise ValueError("mask_table must have at least one row")
+    c = _check_ids(cluster_ids, "cluster_ids", bsz, mask_table)
+    c_aug = _check_ids(aug_cluster_ids, "aug_cluster_ids", bsz, mask_table)
+    if c_aug is not None and c is None:
+        raise ValueError("aug_cluster_ids needs cluster_ids")
+    if c is not None and c_aug is None:
+        c_aug = c
+
+    if mask_table is None:
+        m = torch.ones(bsz, length, dtype=dt, device=dev)
+    elif c is None:
+        if mask_table.shape[0] != 1:
+            raise ValueError("cluster_ids is required when mask_table has more than one row")
+        m = mask_table.to(dev, dt).expand(bsz, length)
+    else:
+        m = mask_table.to(dev, dt)[c]
+
+    z = torch.cat([m * student, m * t2.to(dt)], dim=0)
+    g = masked_similarity_ref(z, z) / temperature
+    a_ind = torch.diagonal(_cosine(student, t.to(dt))) / temperature
+    rows = torch.arange(bsz, device=dev)
+    g_pos = g[rows, rows + bsz]
+    alpha_k = torch.full((bsz,), float(alpha), dtype=dt, device=dev)
+    if c is not None:
+        alpha_k = torch.where(c_aug != c, torch.ones_like(alpha_k), alpha_k)
+    pos = alpha_k * a_ind + (1 - alpha_k) * g_pos
+    pos2 = torch.cat([pos, pos])
+
+    two_b = 2 * bsz
+    idx = torch.arange(two_b, device=dev)
+    partner = (idx + bsz) % two_b
+    keep = torch.ones(two_b, two_b, dtype=torch.bool, device=dev)
+    keep[idx, idx] = False
+    keep[idx, partner] = False
+    if c is not None:
+        row_cluster = torch.cat([c, c])
+        col_cluster = torch.cat([c, c_aug])
+        keep &= row_cluster[:, None] != col_cluster[None, :]
+    neg = g.masked_fill(~keep, float("-inf"))
+    lse = torch.logsumexp(torch.cat([pos2[:, None], neg], dim=1), dim=1)
+    return (lse - pos2).mean()
+
+
+def _check_ids(ids, name: str, bsz: int, mask_table: torch.Tensor | None):
+    if ids is None:
+        return None
+    if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name} must be an integer torch.Tensor [B]")
+    if ids.shape != (bsz,):
+        raise ValueError(f"{name} must have shape [{bsz}], got {tuple(ids.shape)}")
+    ids = ids.long()
+    if (ids < 0).any():
+        raise ValueError(f"{name} must be >= 0")
+    if mask_table is not None and (ids >= mask_table.shape[0]).any():
+        raise ValueError(
+            f"{name} must be < the number of mask_table rows ({mask_table.shape[0]}), "
+            f"got max {int(ids.max())}"
+        )
+    return ids
+
