@@ -1,0 +1,128 @@
+"""Packing, unpacking, the sign STE and FAISS layout interop are exact and reject bad input."""
+
+import numpy as np
+import pytest
+import torch
+
+from fasthash.codes import (
+    from_faiss_bytes,
+    num_words,
+    pack_codes,
+    sign_ste,
+    to_faiss_bytes,
+    unpack_codes,
+)
+
+LENGTHS = [1, 13, 40, 64, 100, 128, 256, 300]
+
+
+def _loop_pack(bits: np.ndarray) -> np.ndarray:
+    """Explicit per-bit packing: the layout written out by hand."""
+    n, length = bits.shape
+    out = np.zeros((n, num_words(length)), dtype=np.uint64)
+    for i in range(n):
+        for j in range(length):
+            if bits[i, j]:
+                out[i, j // 64] |= np.uint64(1) << np.uint64(j % 64)
+    return out
+
+
+@pytest.mark.parametrize("length", LENGTHS, ids=lambda v: f"L{v}")
+def test_pack_matches_explicit_loop_and_round_trips(length):
+    rng = np.random.default_rng(length)
+    bits = rng.random((7, length)) > 0.5
+    pm = np.where(bits, 1.0, -1.0).astype(np.float32)
+    expected = _loop_pack(bits)
+    for codes in (pm, bits, bits.astype(np.int64), torch.from_numpy(pm), torch.from_numpy(bits)):
+        words = pack_codes(codes)
+        got = words.numpy().view(np.uint64) if isinstance(words, torch.Tensor) else words
+        np.testing.assert_array_equal(got, expected)
+        back = unpack_codes(words, length)
+        back = back.numpy() if isinstance(back, torch.Tensor) else back
+        np.testing.assert_array_equal(back, pm)
+    assert expected.shape == (7, num_words(length))
+
+
+def test_padding_bits_are_zero_and_popcount_is_hamming():
+    rng = np.random.default_rng(0)
+    a = np.where(rng.random((5, 100)) > 0.5, 1.0, -1.0)
+    b = np.where(rng.random((5, 100)) > 0.5, 1.0, -1.0)
+    wa, wb = pack_codes(a), pack_codes(b)
+    assert (wa[:, 1] >> np.uint64(36)).max() == 0
+    ham = np.bitwise_count(wa ^ wb).sum(axis=1)
+    np.testing.assert_array_equal(ham, (a != b).sum(axis=1))
+
+
+def test_torch_pack_keeps_device_and_dtype():
+    words = pack_codes(torch.ones(3, 70))
+    assert words.dtype == torch.int64 and words.device.type == "cpu"
+    assert words[0, 0].item() == -1  # all 64 bits set, read as int64
+    assert words[0, 1].item() == 0b111111
+
+
+def test_sign_ste_forward_and_identity_gradient():
+    x = torch.tensor([-2.0, -0.0, 0.0, 0.3, 5.0], requires_grad=True)
+    y = sign_ste(x)
+    assert y.tolist() == [-1.0, 1.0, 1.0, 1.0, 1.0]
+    g = torch.tensor([0.5, -1.0, 2.0, 3.0, -4.0])
+    y.backward(g)
+    assert torch.equal(x.grad, g)
+
+
+@pytest.mark.parametrize(
+    "codes, match",
+    [
+        pytest.param(np.array([[1.0, 0.0]]), "-1 and \\+1", id="float-zero"),
+        pytest.param(np.array([[1.0, np.nan]]), "NaN", id="nan"),
+        pytest.param(torch.tensor([[1.0, float("inf")]]), "NaN or inf", id="inf-torch"),
+        pytest.param(np.array([[2, 0]]), "0 and 1", id="int-two"),
+        pytest.param(torch.tensor([[0.5, -1.0]]), "-1 and \\+1", id="half-torch"),
+        pytest.param(np.ones(4), "2-D", id="1d"),
+    ],
+)
+def test_pack_rejects_bad_codes(codes, match):
+    with pytest.raises(ValueError, match=match):
+        pack_codes(codes)
+
+
+def test_pack_rejects_bits_mismatch_and_wrong_types():
+    with pytest.raises(ValueError, match="bits"):
+        pack_codes(np.ones((2, 8)), bits=9)
+    with pytest.raises(TypeError, match="codes"):
+        pack_codes([[1, -1]])
+    with pytest.raises(ValueError, match="words per row"):
+        unpack_codes(np.zeros((2, 2), dtype=np.uint64), 64)
+    with pytest.raises(TypeError, match="words"):
+        unpack_codes(np.zeros((2, 1), dtype=np.float32), 64)
+    with pytest.raises(TypeError, match="x must be a floating-point"):
+        sign_ste(torch.ones(3, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("length", [8, 13, 64, 100, 256], ids=lambda v: f"L{v}")
+def test_faiss_bytes_round_trip(length):
+    rng = np.random.default_rng(length)
+    words = pack_codes(rng.random((6, length)) > 0.5)
+    u8 = to_faiss_bytes(words, length)
+    assert u8.dtype == np.uint8 and u8.shape == (6, (length + 7) // 8)
+    np.testing.assert_array_equal(from_faiss_bytes(u8, length), words)
+    with pytest.raises(ValueError, match="bytes per row"):
+        from_faiss_bytes(u8[:, :1], length + 64)
+
+
+def test_from_faiss_rejects_bits_beyond_length():
+    with pytest.raises(ValueError, match="beyond"):
+        from_faiss_bytes(np.array([[0xFF]], dtype=np.uint8), 3)
+
+
+def test_faiss_distances_agree():
+    faiss = pytest.importorskip("faiss")
+    rng = np.random.default_rng(1)
+    for length in (16, 40, 100):
+        q = pack_codes(rng.random((5, length)) > 0.5)
+        x = pack_codes(rng.random((50, length)) > 0.5)
+        index = faiss.IndexBinaryFlat(8 * ((length + 7) // 8))
+        index.add(to_faiss_bytes(x, length))
+        d, i = index.search(to_faiss_bytes(q, length), 50)
+        full = np.bitwise_count(q[:, None, :] ^ x[None, :, :]).sum(-1)
+        np.testing.assert_array_equal(np.take_along_axis(full, i, axis=1), d)
+        np.testing.assert_array_equal(np.sort(full, axis=1), d)
