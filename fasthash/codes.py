@@ -19,7 +19,7 @@ from typing import Union
 import numpy as np
 import torch
 
-ArrayLike = Union[np.ndarray, torch.Tensor]
+ArrayLike = Union[np.ndarray, torch.Tensor]  # noqa: UP007 - a runtime alias on 3.10
 
 __all__ = [
     "sign_ste",

@@ -45,7 +45,9 @@ def check_codes(x: torch.Tensor, name: str, length: int | None = None) -> None:
         raise ValueError(f"{name} contains NaN or inf")
 
 
-def _check_mask(mask: torch.Tensor | None, name: str, rows: int, length: int) -> torch.Tensor | None:
+def _check_mask(
+    mask: torch.Tensor | None, name: str, rows: int, length: int
+) -> torch.Tensor | None:
     if mask is None:
         return None
     if not isinstance(mask, torch.Tensor):

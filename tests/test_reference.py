@@ -167,7 +167,7 @@ def _loop_nt_xent(z1, z2, tau):
     def cos(u, v):
         nu = math.sqrt(sum(a * a for a in u))
         nv = math.sqrt(sum(a * a for a in v))
-        return sum(a * c for a, c in zip(u, v)) / (nu * nv)
+        return sum(a * c for a, c in zip(u, v, strict=True)) / (nu * nv)
 
     total = 0.0
     for a in range(n):
