@@ -1,0 +1,32 @@
+"""Retrieval evaluation for binary codes: streaming mAP / precision / PR, SSHP and ASHP helpers,
+and the student-teacher alignment analysis (ISD, NRA@K).
+
+Example:
+    >>> import numpy as np
+    >>> from brcd.retrieval import evaluate
+    >>> q = np.array([[1., 1.]]); db = np.array([[1., 1.], [-1., -1.]])
+    >>> evaluate(q, db, np.array([0]), np.array([0, 1]), topk=2).map_at_k
+    1.0
+"""
+
+from .evaluate import (
+    RetrievalMetrics,
+    evaluate,
+    evaluate_ashp,
+    evaluate_sshp,
+    evaluate_teacher,
+    isd,
+    nra,
+)
+from .index import as_packed
+
+__all__ = [
+    "RetrievalMetrics",
+    "evaluate",
+    "evaluate_sshp",
+    "evaluate_ashp",
+    "evaluate_teacher",
+    "isd",
+    "nra",
+    "as_packed",
+]
