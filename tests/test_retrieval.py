@@ -254,3 +254,17 @@ def test_metric_functions_direct():
     p, r = M.pr_from_histograms(h_all, h_rel)
     np.testing.assert_allclose(p, [0, 0, 2 / 3, 2 / 3])
     np.testing.assert_allclose(r, [0, 0, 1, 1])
+
+
+def test_block_distances_paths_agree(monkeypatch):
+    import fasthash
+    from brcd.retrieval.index import block_distances
+    from fasthash.reference import hamming_distance_ref
+
+    rng = np.random.default_rng(4)
+    q = rng.integers(0, 2**63, (7, 2), dtype=np.uint64)
+    x = rng.integers(0, 2**63, (300, 2), dtype=np.uint64)
+    want = hamming_distance_ref(q, x).numpy()
+    np.testing.assert_array_equal(block_distances(q, x), want)
+    monkeypatch.setattr(fasthash, "_C", object(), raising=False)  # force the numpy path
+    np.testing.assert_array_equal(block_distances(q, x), want)

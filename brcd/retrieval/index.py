@@ -108,9 +108,15 @@ def block_distances(query_words: np.ndarray, db_words: np.ndarray) -> np.ndarray
 
     if getattr(fasthash, "HAS_C", False) and hasattr(fasthash._C, "hamming_distances"):
         return fasthash._C.hamming_distances(q, db_words)
-    from fasthash.reference import hamming_distance_ref
-
-    return hamming_distance_ref(q, db_words).numpy().astype(np.int32)
+    # Exact numpy path (XOR + popcount), tiled over the database to bound the [b, n, W] temporary.
+    out = np.empty((q.shape[0], db_words.shape[0]), dtype=np.int32)
+    step = max(1, (1 << 22) // max(1, q.shape[0] * q.shape[1]))
+    for lo in range(0, db_words.shape[0], step):
+        x = np.asarray(db_words[lo : lo + step])
+        out[:, lo : lo + step] = np.bitwise_count(q[:, None, :] ^ x[None, :, :]).sum(
+            axis=2, dtype=np.int32
+        )
+    return out
 
 
 def topk(query_words: np.ndarray, db_words: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
