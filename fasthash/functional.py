@@ -1,0 +1,376 @@
+"""Differentiable bit-masked Hamming similarity, the fused BRCD / NT-Xent losses and packed
+Hamming distances.
+
+Each function validates its inputs (``ValueError`` / ``TypeError`` naming the argument), then calls
+a ``fasthash::`` custom op (:mod:`fasthash.ops.registry`): Triton kernels on CUDA, a blocked torch
+implementation on CPU. The losses never materialise the 2B x 2B logits: only per-row statistics
+are saved and the backward recomputes the logits tile by tile. Values and gradients equal the
+specification in :mod:`fasthash.reference` (tested against float64).
+
+Half-precision (fp16 / bf16) and float32 inputs are computed in float32; float64 inputs in
+float64. Outputs are float32 (float64 for float64 inputs); input gradients have the input dtype.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+
+from . import reference as ref
+from .ops import registry as _ops
+from .ops.blocked import compute_dtype, normalize_rows
+
+__all__ = [
+    "masked_hamming_similarity",
+    "brcd_contrastive_loss",
+    "nt_xent_loss",
+    "hamming_distance",
+]
+
+MaskArg = torch.Tensor | tuple | list | None
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+# --------------------------------------------------------------------------- validation helpers
+
+
+def _check_ids(ids, name: str, rows: int, n_table: int, device: torch.device) -> torch.Tensor:
+    if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name} must be an int64/int32 torch.Tensor of shape [{rows}]")
+    if ids.shape != (rows,):
+        raise ValueError(f"{name} must have shape [{rows}], got {tuple(ids.shape)}")
+    if ids.device != device:
+        raise ValueError(f"{name} must be on {device} like the codes, got {ids.device}")
+    if rows and (int(ids.min()) < 0 or int(ids.max()) >= n_table):
+        raise ValueError(
+            f"{name} must hold cluster ids in [0, {n_table}), got min {int(ids.min())}, "
+            f"max {int(ids.max())}"
+        )
+    return ids.long()
+
+
+def _canon_mask(
+    mask: MaskArg, name: str, rows: int, length: int, dt: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """A mask argument as ``(table [C, L] in dtype dt, ids [rows] or None)``."""
+    if mask is None:
+        return None, None
+    if isinstance(mask, (tuple, list)):
+        if len(mask) != 2:
+            raise ValueError(f"{name} as a tuple must be (mask_table [C, {length}], ids [{rows}])")
+        table, ids = mask
+        if not isinstance(table, torch.Tensor):
+            raise TypeError(f"{name}[0] (mask_table) must be a torch.Tensor")
+        if table.ndim != 2 or table.shape[0] < 1:
+            raise ValueError(f"{name}[0] (mask_table) must be [C, {length}] with C >= 1, "
+                             f"got {tuple(table.shape)}")
+        ref._check_mask(table, f"{name}[0] (mask_table)", table.shape[0], length)
+        if table.device != device:
+            raise ValueError(f"{name}[0] (mask_table) must be on {device}, got {table.device}")
+        ids = _check_ids(ids, f"{name}[1] (ids)", rows, table.shape[0], device)
+        return table.to(dt).contiguous(), ids
+    ref._check_mask(mask, name, rows, length)
+    if mask.device != device:
+        raise ValueError(f"{name} must be on {device} like the codes, got {mask.device}")
+    return mask.to(dt), None
+
+
+def _check_temperature(temperature) -> float:
+    if isinstance(temperature, bool):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    ref._check_temperature(temperature)
+    return float(temperature)
+
+
+def _reduce(rows: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "mean":
+        return rows.mean()
+    if reduction == "sum":
+        return rows.sum()
+    return rows
+
+
+def _check_reduction(reduction) -> None:
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+
+
+# --------------------------------------------------------------------------- similarity
+
+
+def masked_hamming_similarity(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    mask_x: MaskArg = None,
+    mask_y: MaskArg = None,
+    *,
+    normalize: bool = True,
+) -> torch.Tensor:
+    r"""Bit-masked Hamming (cosine) similarity of relaxed codes, differentiable.
+
+    .. math:: S[a, b] = \frac{\sum_j m^x_{aj} m^y_{bj} x_{aj} y_{bj}}
+                             {\lVert m^x_a \odot x_a \rVert \lVert m^y_b \odot y_b \rVert}
+
+    (0 when a masked norm is 0). On ±1 codes this is
+    ``(popcount(I) - 2 popcount((x XOR y) AND I)) / sqrt(|m_a| |m_b|)``; unmasked it is
+    ``1 - 2 hamming / L``. ``normalize=False`` returns the raw masked inner product (the
+    numerator). Masked-out bits get exactly zero gradient.
+
+    Args:
+        x: relaxed codes (float32, bf16, fp16 or float64). y: relaxed codes with the same L.
+        mask_x: None (all ones), a {0, 1} tensor ``[N, L]``, or the BRCD form
+            ``(mask_table [C, L], ids [N])`` meaning row a uses ``mask_table[ids[a]]``.
+        mask_y: the same for y (``[M, L]`` or ``(mask_table, ids [M])``).
+        normalize: divide by the masked norms (cosine) or not (inner product).
+
+    Shape:
+        x ``[N, L]``, y ``[M, L]`` -> ``[N, M]``.
+
+    Returns:
+        float32 similarities (float64 for float64 inputs).
+
+    Example:
+        >>> x = torch.tensor([[1., -1., 1., 1.]]); y = torch.tensor([[1., 1., 1., -1.]])
+        >>> masked_hamming_similarity(x, y)
+        tensor([[0.]])
+        >>> masked_hamming_similarity(x, y, torch.tensor([[1, 0, 1, 0]]), None)
+        tensor([[1.]])
+    """
+    ref.check_codes(x, "x")
+    ref.check_codes(y, "y", x.shape[1])
+    if y.device != x.device:
+        raise ValueError(f"y must be on {x.device} like x, got {y.device}")
+    if not isinstance(normalize, bool):
+        raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
+    dt = compute_dtype(x, y)
+    length = x.shape[1]
+    mxt, mxi = _canon_mask(mask_x, "mask_x", x.shape[0], length, dt, x.device)
+    myt, myi = _canon_mask(mask_y, "mask_y", y.shape[0], length, dt, x.device)
+    return _ops.masked_similarity(x, y, mxt, mxi, myt, myi, normalize)
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def brcd_contrastive_loss(
+    student: torch.Tensor,
+    teacher_same: torch.Tensor,
+    teacher_other: torch.Tensor,
+    *,
+    mask_table: torch.Tensor | None = None,
+    cluster_ids: torch.Tensor | None = None,
+    aug_cluster_ids: torch.Tensor | None = None,
+    alpha: float = 0.8,
+    temperature: float = 0.3,
+    reduction: str = "mean",
+    detach_teacher: bool = True,
+) -> torch.Tensor:
+    r"""The BRCD distillation term (BRCD_SPEC §3-5), fused: the 2B x 2B logits are never built.
+
+    With ``m_k = mask_table[cluster_ids[k]]``, ``Z = [m ⊙ s ; m ⊙ t']`` (2B rows),
+    ``G = S(Z, Z) / τ`` (masked cosine), ``A_k = cos(s_k, t_k) / τ`` and positive
+    ``P_k = α_k A_k + (1 - α_k) G[k, B + k]`` (``α_k = 1`` when ``aug_cluster_ids[k] !=
+    cluster_ids[k]``, an offset positive), row a (sample k = a mod B) contributes
+    ``-P_k + log(exp(P_k) + Σ_b exp(G[a, b]))`` over its negatives b: every row but a and its
+    partner, minus false negatives (columns of a's cluster; student columns use ``cluster_ids``,
+    teacher columns ``aug_cluster_ids``). Equals :func:`fasthash.reference.brcd_loss_ref`.
+
+    Memory is O(B·L): the forward keeps one log-sum-exp per row (online over column tiles) and
+    the backward recomputes the logits tile by tile.
+
+    Args:
+        student: student codes s (view 1); gradients flow here.
+        teacher_same: teacher codes t of the same view. teacher_other: teacher codes t' of the
+            other view. Both are detached unless ``detach_teacher=False``.
+        mask_table: {0, 1} per-cluster bit masks M ``[C, L]`` or None (all ones). A one-row table
+            applies to every sample without ``cluster_ids``.
+        cluster_ids: c ``[B]`` (int64/int32 in [0, C)) or None (no false negatives).
+        aug_cluster_ids: ĉ ``[B]``, nearest centroid of the unmasked t', or None (= c).
+        alpha: weight of the individual-space positive, in [0, 1].
+        temperature: τ > 0.
+        reduction: "mean" (over the 2B rows), "sum" or "none" (per-row losses ``[2B]``).
+        detach_teacher: stop gradients into the teacher codes (default True).
+
+    Shape:
+        student, teacher_same, teacher_other ``[B, L]``; ids ``[B]`` -> scalar or ``[2B]``.
+
+    Returns:
+        float32 loss (float64 for float64 student codes).
+
+    Example:
+        >>> s = torch.tensor([[1., -1.], [-1., 1.]]); brcd_contrastive_loss(s, s, s).item() < 0.1
+        True
+    """
+    ref.check_codes(student, "student")
+    bsz, length = student.shape
+    dev = student.device
+    for name, v in (("teacher_same", teacher_same), ("teacher_other", teacher_other)):
+        ref.check_codes(v, name, length)
+        if v.shape[0] != bsz:
+            raise ValueError(f"{name} must have B = {bsz} rows like student, got {v.shape[0]}")
+        if v.device != dev:
+            raise ValueError(f"{name} must be on {dev} like student, got {v.device}")
+    inv_tau = 1.0 / _check_temperature(temperature)
+    if isinstance(alpha, bool) or not (isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0):
+        raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
+    _check_reduction(reduction)
+
+    dt = compute_dtype(student)
+    if mask_table is not None:
+        if not isinstance(mask_table, torch.Tensor):
+            raise TypeError(f"mask_table must be a torch.Tensor [C, {length}] or None")
+        if mask_table.ndim != 2 or mask_table.shape[0] < 1:
+            raise ValueError(
+                f"mask_table must be [C, {length}] with C >= 1, got {tuple(mask_table.shape)}"
+            )
+        ref._check_mask(mask_table, "mask_table", mask_table.shape[0], length)
+        if mask_table.device != dev:
+            raise ValueError(f"mask_table must be on {dev} like student, got {mask_table.device}")
+    n_table = mask_table.shape[0] if mask_table is not None else 2**62
+    c = c_aug = None
+    if cluster_ids is not None:
+        c = _check_ids(cluster_ids, "cluster_ids", bsz, n_table, dev)
+    if aug_cluster_ids is not None:
+        if c is None:
+            raise ValueError("aug_cluster_ids needs cluster_ids")
+        c_aug = _check_ids(aug_cluster_ids, "aug_cluster_ids", bsz, n_table, dev)
+    elif c is not None:
+        c_aug = c
+
+    s = student.to(dt)
+    t = teacher_same.to(dt)
+    t2 = teacher_other.to(dt)
+    if detach_teacher:
+        t, t2 = t.detach(), t2.detach()
+    if mask_table is None:
+        m = None
+    elif c is None:
+        if mask_table.shape[0] != 1:
+            raise ValueError("cluster_ids is required when mask_table has more than one row")
+        m = mask_table[0].to(dt)
+    else:
+        m = mask_table.to(dt)[c]
+    zs = normalize_rows(s if m is None else s * m)
+    zt = normalize_rows(t2 if m is None else t2 * m)
+    a_ind = (normalize_rows(s) * normalize_rows(t)).sum(dim=1) * inv_tau
+    g_pos = (zs * zt).sum(dim=1) * inv_tau
+    if c is None:
+        pos = alpha * a_ind + (1.0 - alpha) * g_pos
+        row_cl = col_cl = None
+    else:
+        alpha_k = torch.full((bsz,), float(alpha), dtype=dt, device=dev)
+        alpha_k = torch.where(c_aug != c, torch.ones_like(alpha_k), alpha_k)
+        pos = alpha_k * a_ind + (1.0 - alpha_k) * g_pos
+        row_cl = torch.cat([c, c])
+        col_cl = torch.cat([c, c_aug])
+    lse = _ops.contrastive_lse(zs, zt, pos, row_cl, col_cl, inv_tau)
+    return _reduce(lse - torch.cat([pos, pos]), reduction)
+
+
+def nt_xent_loss(
+    z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.3, *, reduction: str = "mean"
+) -> torch.Tensor:
+    r"""SimCLR NT-Xent over the 2B rows of two views (cosine similarity), fused.
+
+    Row a's positive is its other view ``(a + B) mod 2B``; its negatives are the other 2B - 2
+    rows: ``L = mean_a [-s[a, p(a)] + log Σ_{b≠a} exp(s[a, b])]``, ``s = cos / τ``. Equals
+    :func:`fasthash.reference.nt_xent_ref`; gradients reach both views. O(B·L) memory.
+
+    Args:
+        z1, z2: the two views' relaxed codes. temperature: τ > 0.
+        reduction: "mean", "sum" or "none" (per-row ``[2B]``).
+
+    Shape:
+        ``[B, L]`` and ``[B, L]`` -> scalar (or ``[2B]``).
+
+    Returns:
+        float32 loss (float64 for float64 inputs).
+
+    Example:
+        >>> z = torch.eye(4); bool(nt_xent_loss(z[:2], z[:2]) < nt_xent_loss(z[:2], z[2:]))
+        True
+    """
+    ref.check_codes(z1, "z1")
+    ref.check_codes(z2, "z2", z1.shape[1])
+    if z2.shape[0] != z1.shape[0]:
+        raise ValueError(f"z2 must have B = {z1.shape[0]} rows like z1, got {z2.shape[0]}")
+    if z2.device != z1.device:
+        raise ValueError(f"z2 must be on {z1.device} like z1, got {z2.device}")
+    inv_tau = 1.0 / _check_temperature(temperature)
+    _check_reduction(reduction)
+    dt = compute_dtype(z1, z2)
+    za = normalize_rows(z1.to(dt))
+    zb = normalize_rows(z2.to(dt))
+    pos = (za * zb).sum(dim=1) * inv_tau
+    lse = _ops.contrastive_lse(za, zb, pos, None, None, inv_tau)
+    return _reduce(lse - torch.cat([pos, pos]), reduction)
+
+
+# --------------------------------------------------------------------------- packed distances
+
+_WARNED_NO_C = False
+
+
+def hamming_distance(
+    x_words: np.ndarray | torch.Tensor,
+    y_words: np.ndarray | torch.Tensor,
+    mask: np.ndarray | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Exact all-pairs (masked) Hamming distances of packed codes.
+
+    ``D[i, j] = popcount((x_i XOR y_j) AND m_i)``, ``m_i`` a global mask ``[W]``, the i-th row of
+    a per-query mask ``[Q, W]``, or all ones. CPU: the compiled core ``fasthash._C`` (no mask) or
+    the reference; CUDA: a Triton kernel (hardware popcount).
+
+    Args:
+        x_words: packed query words (numpy uint64 or torch int64, layout of
+            :mod:`fasthash.codes`). y_words: packed gallery words. mask: packed mask words.
+
+    Shape:
+        ``[Q, W]`` x ``[N, W]`` -> ``[Q, N]``.
+
+    Returns:
+        int32 distances (a torch tensor on the device of the inputs).
+
+    Example:
+        >>> hamming_distance(np.array([[5]], np.uint64), np.array([[6], [5]], np.uint64))
+        tensor([[2, 0]], dtype=torch.int32)
+    """
+    q = ref.words_to_torch(x_words, "x_words")
+    x = ref.words_to_torch(y_words, "y_words")
+    if q.device != x.device:
+        raise ValueError(f"y_words must be on {q.device} like x_words, got {x.device}")
+    if q.shape[1] != x.shape[1]:
+        raise ValueError(
+            f"y_words must have {q.shape[1]} words per code like x_words, got {x.shape[1]}"
+        )
+    m = None
+    if mask is not None:
+        m = ref.words_to_torch(mask.reshape(1, -1) if mask.ndim == 1 else mask, "mask")
+        if m.shape[1] != q.shape[1] or m.shape[0] not in (1, q.shape[0]):
+            raise ValueError(
+                f"mask must be [{q.shape[1]}] or [{q.shape[0]}, {q.shape[1]}] words, "
+                f"got {tuple(mask.shape)}"
+            )
+        if m.device != q.device:
+            raise ValueError(f"mask must be on {q.device} like x_words, got {m.device}")
+    if q.is_cuda:
+        from .ops.hamming_topk_triton import hamming_distance_forward
+
+        return hamming_distance_forward(q, x, m)
+    from . import _C, HAS_C
+
+    if m is None and HAS_C:
+        qn = np.ascontiguousarray(q.numpy()).view(np.uint64)
+        xn = np.ascontiguousarray(x.numpy()).view(np.uint64)
+        return torch.from_numpy(_C.hamming_distances(qn, xn))
+    if m is None:
+        global _WARNED_NO_C
+        if not _WARNED_NO_C:
+            _WARNED_NO_C = True
+            warnings.warn("fasthash._C missing: hamming_distance uses the pure-torch reference",
+                          RuntimeWarning, stacklevel=2)
+    return ref.hamming_distance_ref(q, x, m).to(torch.int32)
+

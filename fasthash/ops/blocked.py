@@ -1,0 +1,253 @@
+"""Blocked torch implementations of the fused ops (the CPU path; device-agnostic torch code).
+
+Nothing here allocates an N x N matrix: the contrastive log-sum-exp walks row blocks x column
+blocks of the logits with an online (or, when it is safe, fixed-shift) log-sum-exp and keeps only
+per-row statistics; the backward recomputes the logits block by block. Peak extra memory is
+``O(N * L + BLOCK_ROWS * BLOCK_COLS)``.
+
+Math (shared with the Triton kernels in ``contrastive_triton.py``): with ``Z = [za; zb]``
+(``R = 2B`` unit-norm or zero rows), ``G = Z Z^T / tau`` and ``partner(a) = (a + B) mod R``,
+
+    lse[a] = log( exp(pos[a mod B]) + sum_{b in keep(a)} exp(G[a, b]) )
+
+where ``keep(a)`` drops ``b = a``, ``b = partner(a)`` and, with clusters, every ``b`` whose
+``col_cluster[b] == row_cluster[a]``. The gradient of ``sum_a g[a] * lse[a]`` w.r.t. row ``i`` is
+
+    dZ[i] = (1/tau) * sum_b ( g[i] P[i, b] + g[b] P[b, i] ) Z[b],   P[a, b] = exp(G[a, b] - lse[a])
+
+(the first term: ``i`` as a row; the second: ``i`` as a column of every other row), and
+``d pos[k] = sum_{a in {k, k+B}} g[a] exp(pos[k] - lse[a])``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+# Tile sizes of the CPU path: 256 x 1024 fp32 logits = 1 MiB, about one core's L2. Tests shrink
+# them to exercise the tiling at small N.
+BLOCK_ROWS = 256
+BLOCK_COLS = 1024
+
+# exp(G - 1/tau) cannot overflow (|G| <= 1/tau for unit rows) and stays a normal number down to
+# G = -1/tau as long as 2/tau < this bound; then one exp per logit suffices and no running max is
+# needed. Beyond it (tau < ~0.025 in fp32) the online max is used.
+_FIXED_SHIFT_LIMIT = {torch.float32: 80.0, torch.float64: 700.0}
+
+
+def normalize_rows(x: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to unit L2 norm; an all-zero row stays zero (and gets zero gradient).
+
+    The division uses a safe denominator so autograd never sees ``0 * inf``.
+    """
+    n = torch.linalg.vector_norm(x, dim=1, keepdim=True)
+    ok = n > 0
+    return x / torch.where(ok, n, torch.ones_like(n)) * ok
+
+
+def _normalize_backward(x: torch.Tensor, xhat: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Vector-Jacobian product of :func:`normalize_rows`: ``(g - xhat (g . xhat)) / |x|``."""
+    n = torch.linalg.vector_norm(x, dim=1, keepdim=True)
+    ok = n > 0
+    proj = (g * xhat).sum(dim=1, keepdim=True)
+    return (g - xhat * proj) / torch.where(ok, n, torch.ones_like(n)) * ok
+
+
+def compute_dtype(*ts: torch.Tensor) -> torch.dtype:
+    """float64 if any input is float64, else float32 (half/bf16 are upcast)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
+
+
+def apply_mask(
+    x: torch.Tensor, table: torch.Tensor | None, ids: torch.Tensor | None, dt: torch.dtype
+) -> torch.Tensor:
+    """``x * M`` in dtype ``dt`` with mask rows ``table[ids]`` (or ``table`` itself without ids)."""
+    x = x.to(dt)
+    if table is None:
+        return x
+    m = table.to(x.device, dt)
+    if ids is not None:
+        m = m[ids]
+    return x * m
+
+
+# --------------------------------------------------------------------------- masked similarity
+
+
+def masked_similarity_cpu(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    mx_table: torch.Tensor | None,
+    mx_ids: torch.Tensor | None,
+    my_table: torch.Tensor | None,
+    my_ids: torch.Tensor | None,
+    normalize: bool,
+) -> torch.Tensor:
+    """``S = xhat @ yhat^T`` of masked (and optionally row-normalised) codes; the output is the
+    only N x M allocation."""
+    dt = compute_dtype(x, y)
+    xm = apply_mask(x, mx_table, mx_ids, dt)
+    ym = apply_mask(y, my_table, my_ids, dt)
+    if normalize:
+        xm, ym = normalize_rows(xm), normalize_rows(ym)
+    return xm @ ym.T
+
+
+def masked_similarity_grad_cpu(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    mx_table: torch.Tensor | None,
+    mx_ids: torch.Tensor | None,
+    my_table: torch.Tensor | None,
+    my_ids: torch.Tensor | None,
+    normalize: bool,
+) -> torch.Tensor:
+    """Gradient of ``sum(grad * S)`` w.r.t. ``x`` (call with swapped roles and ``grad.T`` for y).
+
+    Returns the gradient in the compute dtype; masked bits are exactly zero.
+    """
+    dt = compute_dtype(x, y)
+    xm = apply_mask(x, mx_table, mx_ids, dt)
+    ym = apply_mask(y, my_table, my_ids, dt)
+    g = grad.to(dt)
+    if normalize:
+        xh, yh = normalize_rows(xm), normalize_rows(ym)
+        gx = _normalize_backward(xm, xh, g @ yh)
+    else:
+        gx = g @ ym
+    if mx_table is not None:
+        m = mx_table.to(gx.device, dt)
+        gx = gx * (m[mx_ids] if mx_ids is not None else m)
+    return gx
+
+
+# --------------------------------------------------------------------------- contrastive LSE
+
+
+def _band_hits(r0: int, r1: int, c0: int, c1: int, half: int) -> bool:
+    """Whether columns [c0, c1) meet the diagonal or the partner band of rows [r0, r1)."""
+    spans = [(r0, r1)]  # diagonal
+    if r0 < half:  # rows of the first half: partners r + half
+        spans.append((r0 + half, min(r1, half) + half))
+    if r1 > half:  # rows of the second half: partners r - half
+        spans.append((max(r0, half) - half, r1 - half))
+    return any(a < c1 and c0 < b for a, b in spans)
+
+
+def _keep_tile(
+    r0: int,
+    r1: int,
+    c0: int,
+    c1: int,
+    half: int,
+    total: int,
+    row_cluster: torch.Tensor | None,
+    col_cluster: torch.Tensor | None,
+    device: torch.device,
+) -> torch.Tensor | None:
+    """Boolean [r1-r0, c1-c0] tile of kept negatives, or None when every entry is kept."""
+    keep = None
+    if _band_hits(r0, r1, c0, c1, half):
+        rows = torch.arange(r0, r1, device=device)
+        cols = torch.arange(c0, c1, device=device)
+        partner = (rows + half) % total
+        keep = (cols[None, :] != rows[:, None]) & (cols[None, :] != partner[:, None])
+    if row_cluster is not None:
+        kc = row_cluster[r0:r1, None] != col_cluster[None, c0:c1]
+        keep = kc if keep is None else keep & kc
+    return keep
+
+
+def contrastive_lse_cpu(
+    za: torch.Tensor,
+    zb: torch.Tensor,
+    pos: torch.Tensor,
+    row_cluster: torch.Tensor | None,
+    col_cluster: torch.Tensor | None,
+    inv_tau: float,
+) -> torch.Tensor:
+    """Per-row ``lse`` [2B] of the fused contrastive loss (see the module docstring)."""
+    dt = compute_dtype(za, zb, pos)
+    z = torch.cat([za, zb]).to(dt)
+    total, half = z.shape[0], za.shape[0]
+    pos2 = torch.cat([pos, pos]).to(dt)
+    zs = z * inv_tau  # rows pre-scaled: one matmul gives logits
+    fixed = 2.0 * inv_tau < _FIXED_SHIFT_LIMIT[dt]
+    lse = torch.empty(total, dtype=dt, device=z.device)
+    for r0 in range(0, total, BLOCK_ROWS):
+        r1 = min(total, r0 + BLOCK_ROWS)
+        q = zs[r0:r1]
+        if fixed:
+            # logits and positives are bounded by 1/tau: exp(x - 1/tau) is in (e^{-2/tau}, 1]
+            acc = torch.exp(pos2[r0:r1] - inv_tau)
+        else:
+            m = pos2[r0:r1].clone()
+            acc = torch.ones_like(m)
+        for c0 in range(0, total, BLOCK_COLS):
+            c1 = min(total, c0 + BLOCK_COLS)
+            s = q @ z[c0:c1].T
+            keep = _keep_tile(r0, r1, c0, c1, half, total, row_cluster, col_cluster, z.device)
+            if fixed:
+                s.sub_(inv_tau).exp_()
+                if keep is not None:
+                    s.masked_fill_(~keep, 0.0)
+                acc += s.sum(dim=1)
+            else:
+                if keep is not None:
+                    s.masked_fill_(~keep, -math.inf)
+                m_new = torch.maximum(m, s.amax(dim=1))
+                acc = acc * torch.exp(m - m_new) + torch.exp(s - m_new[:, None]).sum(dim=1)
+                m = m_new
+        lse[r0:r1] = (torch.log(acc) + inv_tau) if fixed else (m + torch.log(acc))
+    return lse
+
+
+def contrastive_lse_backward_cpu(
+    grad_lse: torch.Tensor,
+    za: torch.Tensor,
+    zb: torch.Tensor,
+    lse: torch.Tensor,
+    row_cluster: torch.Tensor | None,
+    col_cluster: torch.Tensor | None,
+    inv_tau: float,
+    grad_rows: int,
+) -> torch.Tensor:
+    """Gradient of ``sum(grad_lse * lse)`` w.r.t. the first ``grad_rows`` rows of ``[za; zb]``,
+    recomputing the logits block by block (two exps per logit, no N x N buffer)."""
+    dt = compute_dtype(za, zb, lse)
+    z = torch.cat([za, zb]).to(dt)
+    total, half = z.shape[0], za.shape[0]
+    g = grad_lse.to(dt)
+    lse = lse.to(dt)
+    zs = z * inv_tau
+    out = torch.empty(grad_rows, z.shape[1], dtype=dt, device=z.device)
+    for r0 in range(0, grad_rows, BLOCK_ROWS):
+        r1 = min(grad_rows, r0 + BLOCK_ROWS)
+        q = zs[r0:r1]
+        acc = torch.zeros(r1 - r0, z.shape[1], dtype=dt, device=z.device)
+        for c0 in range(0, total, BLOCK_COLS):
+            c1 = min(total, c0 + BLOCK_COLS)
+            s = q @ z[c0:c1].T
+            keep_r = _keep_tile(r0, r1, c0, c1, half, total, row_cluster, col_cluster, z.device)
+            # keep(b, i): column b's row test against row i's column cluster (not symmetric)
+            keep_c = None
+            if row_cluster is not None:
+                keep_c = row_cluster[None, c0:c1] != col_cluster[r0:r1, None]
+                keep_geo = _keep_tile(r0, r1, c0, c1, half, total, None, None, z.device)
+                if keep_geo is not None:
+                    keep_c = keep_c & keep_geo
+            elif keep_r is not None:
+                keep_c = keep_r
+            p_r = torch.exp(s - lse[r0:r1, None])
+            p_c = torch.exp(s - lse[None, c0:c1])
+            # non-kept entries may be inf: replace them (never multiply them by zero)
+            if keep_r is not None:
+                p_r.masked_fill_(~keep_r, 0.0)
+            if keep_c is not None:
+                p_c.masked_fill_(~keep_c, 0.0)
+            p_r.mul_(g[r0:r1, None]).add_(p_c.mul_(g[None, c0:c1]))
+            acc.addmm_(p_r, z[c0:c1])
+        out[r0:r1] = acc * inv_tau
+    return out

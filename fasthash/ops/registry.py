@@ -1,0 +1,233 @@
+"""torch.library registration of the fused ops (the registration stratum).
+
+Each op is a ``torch.library.custom_op`` whose default implementation is the blocked torch path
+(:mod:`fasthash.ops.blocked`), with ``register_kernel("cuda")`` launching the Triton kernels, a
+fake (meta) implementation and an autograd formula whose backward is itself a custom op. This
+is what makes ``torch.compile`` and ``torch.library.opcheck`` work on CPU and GPU (KERNELS.md:
+``triton_op`` fails under ``torch.compile`` on CPU). Triton is imported only inside the CUDA
+kernels, so importing this module never imports triton.
+
+Ops (inputs are validated by :mod:`fasthash.functional`, not here):
+
+* ``fasthash::masked_similarity(x, y, mx_table, mx_ids, my_table, my_ids, normalize) -> S``
+  and ``fasthash::masked_similarity_grad(grad, x, y, ...) -> dS/dx`` (y via swapped roles).
+* ``fasthash::contrastive_lse(za, zb, pos, row_cluster, col_cluster, inv_tau) -> lse [2B]``
+  and ``fasthash::contrastive_lse_backward(grad_lse, za, zb, lse, ..., grad_rows) -> dZ``.
+"""
+
+# no `from __future__ import annotations`: custom_op infers its schema from real type hints
+import warnings
+
+import torch
+
+from . import blocked
+
+Tensor = torch.Tensor
+
+_WARNED: set = set()
+
+# Triton kernels keep a whole (padded) code row in registers; longer codes use the torch path.
+_TRITON_MAX_BITS = 1024
+
+
+def _warn_once(key: str, msg: str) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+def triton_usable() -> bool:
+    """True when the Triton kernels can be imported (triton installed and importable)."""
+    try:
+        import triton  # noqa: F401
+    except Exception:  # noqa: BLE001 - any import failure means: use the torch path
+        return False
+    return True
+
+
+def _out_dtype(*ts: Tensor) -> torch.dtype:
+    return blocked.compute_dtype(*ts)
+
+
+# --------------------------------------------------------------------------- masked similarity
+
+
+@torch.library.custom_op("fasthash::masked_similarity", mutates_args=())
+def masked_similarity(
+    x: Tensor,
+    y: Tensor,
+    mx_table: Tensor | None,
+    mx_ids: Tensor | None,
+    my_table: Tensor | None,
+    my_ids: Tensor | None,
+    normalize: bool,
+) -> Tensor:
+    """Masked (cosine) similarity [N, M]; the CPU / default implementation."""
+    return blocked.masked_similarity_cpu(x, y, mx_table, mx_ids, my_table, my_ids, normalize)
+
+
+@masked_similarity.register_fake
+def _(x, y, mx_table, mx_ids, my_table, my_ids, normalize):
+    return x.new_empty((x.shape[0], y.shape[0]), dtype=_out_dtype(x, y))
+
+
+@torch.library.register_kernel("fasthash::masked_similarity", "cuda")
+def _(x, y, mx_table, mx_ids, my_table, my_ids, normalize):
+    if x.shape[1] > _TRITON_MAX_BITS or not triton_usable():
+        _warn_once("ms", "fasthash.masked_hamming_similarity: Triton kernel not used "
+                   f"(triton missing or L > {_TRITON_MAX_BITS}); running the torch path on CUDA")
+        return blocked.masked_similarity_cpu(x, y, mx_table, mx_ids, my_table, my_ids, normalize)
+    from .masked_similarity_triton import masked_similarity_forward
+
+    return masked_similarity_forward(x, y, mx_table, mx_ids, my_table, my_ids, normalize)
+
+
+@torch.library.custom_op("fasthash::masked_similarity_grad", mutates_args=())
+def masked_similarity_grad(
+    grad: Tensor,
+    x: Tensor,
+    y: Tensor,
+    mx_table: Tensor | None,
+    mx_ids: Tensor | None,
+    my_table: Tensor | None,
+    my_ids: Tensor | None,
+    normalize: bool,
+) -> Tensor:
+    """Gradient of ``sum(grad * S)`` w.r.t. ``x`` [N, L] (compute dtype)."""
+    return blocked.masked_similarity_grad_cpu(
+        grad, x, y, mx_table, mx_ids, my_table, my_ids, normalize
+    )
+
+
+@masked_similarity_grad.register_fake
+def _(grad, x, y, mx_table, mx_ids, my_table, my_ids, normalize):
+    return x.new_empty(x.shape, dtype=_out_dtype(x, y))
+
+
+@torch.library.register_kernel("fasthash::masked_similarity_grad", "cuda")
+def _(grad, x, y, mx_table, mx_ids, my_table, my_ids, normalize):
+    if x.shape[1] > _TRITON_MAX_BITS or not triton_usable():
+        return blocked.masked_similarity_grad_cpu(
+            grad, x, y, mx_table, mx_ids, my_table, my_ids, normalize
+        )
+    from .masked_similarity_triton import masked_similarity_backward
+
+    return masked_similarity_backward(grad, x, y, mx_table, mx_ids, my_table, my_ids, normalize)
+
+
+def _ms_setup(ctx, inputs, output):
+    x, y, mx_table, mx_ids, my_table, my_ids, normalize = inputs
+    ctx.save_for_backward(x, y, mx_table, mx_ids, my_table, my_ids)
+    ctx.normalize = normalize
+
+
+def _ms_backward(ctx, grad):
+    x, y, mx_table, mx_ids, my_table, my_ids = ctx.saved_tensors
+    gx = gy = None
+    if ctx.needs_input_grad[0]:
+        gx = masked_similarity_grad(grad, x, y, mx_table, mx_ids, my_table, my_ids, ctx.normalize)
+        gx = gx.to(x.dtype)
+    if ctx.needs_input_grad[1]:
+        gy = masked_similarity_grad(
+            grad.mT, y, x, my_table, my_ids, mx_table, mx_ids, ctx.normalize
+        ).to(y.dtype)
+    return gx, gy, None, None, None, None, None
+
+
+masked_similarity.register_autograd(_ms_backward, setup_context=_ms_setup)
+
+
+# --------------------------------------------------------------------------- contrastive LSE
+
+
+@torch.library.custom_op("fasthash::contrastive_lse", mutates_args=())
+def contrastive_lse(
+    za: Tensor,
+    zb: Tensor,
+    pos: Tensor,
+    row_cluster: Tensor | None,
+    col_cluster: Tensor | None,
+    inv_tau: float,
+) -> Tensor:
+    """Per-row log-sum-exp [2B] of the fused contrastive loss (blocked torch implementation)."""
+    return blocked.contrastive_lse_cpu(za, zb, pos, row_cluster, col_cluster, inv_tau)
+
+
+@contrastive_lse.register_fake
+def _(za, zb, pos, row_cluster, col_cluster, inv_tau):
+    return za.new_empty((2 * za.shape[0],), dtype=_out_dtype(za, zb, pos))
+
+
+@torch.library.register_kernel("fasthash::contrastive_lse", "cuda")
+def _(za, zb, pos, row_cluster, col_cluster, inv_tau):
+    if za.shape[1] > _TRITON_MAX_BITS or not triton_usable():
+        _warn_once("lse", "fasthash contrastive loss: Triton kernel not used (triton missing or "
+                   f"L > {_TRITON_MAX_BITS}); running the blocked torch path on CUDA")
+        return blocked.contrastive_lse_cpu(za, zb, pos, row_cluster, col_cluster, inv_tau)
+    from .contrastive_triton import contrastive_lse_forward
+
+    return contrastive_lse_forward(za, zb, pos, row_cluster, col_cluster, inv_tau)
+
+
+@torch.library.custom_op("fasthash::contrastive_lse_backward", mutates_args=())
+def contrastive_lse_backward(
+    grad_lse: Tensor,
+    za: Tensor,
+    zb: Tensor,
+    lse: Tensor,
+    row_cluster: Tensor | None,
+    col_cluster: Tensor | None,
+    inv_tau: float,
+    grad_rows: int,
+) -> Tensor:
+    """Gradient [grad_rows, L] w.r.t. the first ``grad_rows`` rows of ``[za; zb]``."""
+    return blocked.contrastive_lse_backward_cpu(
+        grad_lse, za, zb, lse, row_cluster, col_cluster, inv_tau, grad_rows
+    )
+
+
+@contrastive_lse_backward.register_fake
+def _(grad_lse, za, zb, lse, row_cluster, col_cluster, inv_tau, grad_rows):
+    return za.new_empty((grad_rows, za.shape[1]), dtype=_out_dtype(za, zb, lse))
+
+
+@torch.library.register_kernel("fasthash::contrastive_lse_backward", "cuda")
+def _(grad_lse, za, zb, lse, row_cluster, col_cluster, inv_tau, grad_rows):
+    if za.shape[1] > _TRITON_MAX_BITS or not triton_usable():
+        return blocked.contrastive_lse_backward_cpu(
+            grad_lse, za, zb, lse, row_cluster, col_cluster, inv_tau, grad_rows
+        )
+    from .contrastive_triton import contrastive_lse_backward as launch
+
+    return launch(grad_lse, za, zb, lse, row_cluster, col_cluster, inv_tau, grad_rows)
+
+
+def _lse_setup(ctx, inputs, output):
+    za, zb, pos, row_cluster, col_cluster, inv_tau = inputs
+    ctx.save_for_backward(za, zb, pos, row_cluster, col_cluster, output)
+    ctx.inv_tau = inv_tau
+
+
+def _lse_backward(ctx, grad):
+    za, zb, pos, row_cluster, col_cluster, lse = ctx.saved_tensors
+    half = za.shape[0]
+    need_a, need_b, need_pos = ctx.needs_input_grad[:3]
+    ga = gb = gp = None
+    if need_a or need_b:
+        # the teacher half is skipped when it does not need a gradient (the usual distillation)
+        rows = 2 * half if need_b else half
+        gz = contrastive_lse_backward(
+            grad, za, zb, lse, row_cluster, col_cluster, ctx.inv_tau, rows
+        )
+        if need_a:
+            ga = gz[:half].to(za.dtype)
+        if need_b:
+            gb = gz[half:].to(zb.dtype)
+    if need_pos:
+        # d lse[a] / d pos[k] = exp(pos[k] - lse[a]) for the two rows a = k, k + B
+        p = torch.exp(torch.cat([pos, pos]).to(lse.dtype) - lse) * grad.to(lse.dtype)
+        gp = (p[:half] + p[half:]).to(pos.dtype)
+    return ga, gb, gp, None, None, None
+
+
+contrastive_lse.register_autograd(_lse_backward, setup_context=_lse_setup)
