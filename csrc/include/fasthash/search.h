@@ -1,0 +1,39 @@
+// Public C++ entry points of the search engine (used by the pybind11 bindings).
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "fasthash/engine.h"
+
+namespace fasthash {
+
+struct SearchInput {
+  const uint64_t* q = nullptr;
+  int64_t nq = 0;
+  const uint64_t* x = nullptr;
+  int64_t nx = 0;
+  int64_t W = 0;
+  const uint64_t* mask = nullptr;  // nullptr, one row [W] (mask_rows = 1) or [nq, W]
+  int64_t mask_rows = 0;
+  int num_threads = 0;  // <= 0: all hardware threads
+  Simd simd = Simd::Scalar;
+};
+
+// Exact top-k: out_d [nq, k] int32, out_i [nq, k] int64, rows ordered by (distance, index).
+void topk_search(const SearchInput& in, int64_t k, int32_t* out_d, int64_t* out_i);
+
+// Radius search: lims [nq + 1]; distances and indices filled in the vectors.
+void radius_search(const SearchInput& in, int64_t r, int64_t* lims, std::vector<int32_t>* out_d,
+                   std::vector<int64_t>* out_i);
+
+// SIMD levels: what the CPU supports, and the level in use (FASTHASH_SIMD or set_simd_level).
+bool simd_supported(Simd s);
+Simd best_simd();
+const char* simd_name(Simd s);
+bool parse_simd(const std::string& name, Simd* out);
+
+int hardware_threads();
+
+}  // namespace fasthash

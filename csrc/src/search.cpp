@@ -1,0 +1,400 @@
+// Search driver: task decomposition, persistent thread pool, selection, merge.
+//
+// Work is cut into tasks = (query group of up to 64 queries) x (gallery range). With many
+// queries each task covers the whole gallery, so threads never share a query; with few queries
+// (fewer than 16 per thread) the gallery is cut into ranges and the per-range candidates of a
+// query are merged once at the end. Within a task the gallery is walked in chunks that stay in
+// L2 (64 KiB) while every register block of 8 queries passes over them.
+#include "fasthash/search.h"
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <thread>
+#include <vector>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
+namespace fasthash {
+
+// ---------------------------------------------------------------- selection
+
+void Selector::compact() {
+  // Smallest t with count(d <= t) >= k; keep all d < t and the first (k - count(d < t)) with
+  // d == t (buffer order is index order), then accept only d < t from now on.
+  std::vector<int64_t>& h = *hist;
+  std::fill(h.begin(), h.end(), 0);
+  const int64_t maxd = static_cast<int64_t>(h.size()) - 1;
+  for (int64_t i = 0; i < n; ++i) {
+    int64_t d = static_cast<int64_t>(buf[i] >> kIndexBits);
+    h[std::min(d, maxd)]++;
+  }
+  int64_t t = 0, below = 0;
+  while (below + h[t] < k) below += h[t++];
+  int64_t take_eq = k - below;
+  int64_t m = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const uint64_t key = buf[i];
+    const int64_t d = static_cast<int64_t>(key >> kIndexBits);
+    if (d < t) {
+      buf[m++] = key;
+    } else if (d == t && take_eq > 0) {
+      buf[m++] = key;
+      --take_eq;
+    }
+  }
+  n = m;
+  lim = t - 1;
+}
+
+int64_t Selector::finish() {
+  std::sort(buf, buf + n);
+  if (k > 0 && n > k) n = k;
+  return n;
+}
+
+// ---------------------------------------------------------------- SIMD levels
+
+bool simd_supported(Simd s) {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  switch (s) {
+    case Simd::Scalar:
+      return __builtin_cpu_supports("popcnt");
+    case Simd::Avx2:
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt");
+    case Simd::Avx512:
+      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+             __builtin_cpu_supports("avx512vpopcntdq");
+  }
+#endif
+  return false;
+}
+
+Simd best_simd() {
+  if (simd_supported(Simd::Avx512)) return Simd::Avx512;
+  if (simd_supported(Simd::Avx2)) return Simd::Avx2;
+  return Simd::Scalar;
+}
+
+const char* simd_name(Simd s) {
+  switch (s) {
+    case Simd::Avx512:
+      return "avx512";
+    case Simd::Avx2:
+      return "avx2";
+    default:
+      return "scalar";
+  }
+}
+
+bool parse_simd(const std::string& name, Simd* out) {
+  if (name == "scalar") *out = Simd::Scalar;
+  else if (name == "avx2") *out = Simd::Avx2;
+  else if (name == "avx512") *out = Simd::Avx512;
+  else return false;
+  return true;
+}
+
+int hardware_threads() {
+  unsigned n = std::thread::hardware_concurrency();
+  return n == 0 ? 1 : static_cast<int>(n);
+}
+
+// ---------------------------------------------------------------- thread pool
+
+namespace {
+
+// Persistent workers; run(n, f) calls f(0..n-1) with the caller as worker 0. Workers spin
+// briefly before sleeping so that back-to-back small searches do not pay a futex wake-up each.
+class Pool {
+ public:
+  static Pool& get() {
+    static Pool* p = new Pool();  // leaked on purpose: no join at interpreter exit
+    return *p;
+  }
+
+  void run(int n, const std::function<void(int)>& f) {
+    if (n <= 1) {
+      f(0);
+      return;
+    }
+    std::lock_guard<std::mutex> call_lock(call_mu_);  // one parallel call at a time
+    ensure_workers(n - 1);
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      job_ = &f;
+      active_ = n - 1;
+      pending_.store(n - 1, std::memory_order_relaxed);
+      gen_.fetch_add(1, std::memory_order_release);
+    }
+    cv_.notify_all();
+    f(0);
+    while (pending_.load(std::memory_order_acquire) != 0) {
+#if defined(__x86_64__) || defined(__i386__)
+      _mm_pause();
+#endif
+    }
+  }
+
+ private:
+  void ensure_workers(int n) {
+    while (static_cast<int>(workers_.size()) < n) {
+      int id = static_cast<int>(workers_.size()) + 1;
+      // the generation is read here, before run() publishes the job, so the worker cannot miss it
+      const uint64_t start = gen_.load(std::memory_order_acquire);
+      workers_.emplace_back([this, id, start] { loop(id, start); });
+      workers_.back().detach();
+    }
+  }
+
+  void loop(int id, uint64_t seen) {
+    for (;;) {
+      uint64_t g;
+      int spins = 0;
+      while ((g = gen_.load(std::memory_order_acquire)) == seen && spins < 20000) {
+#if defined(__x86_64__) || defined(__i386__)
+        _mm_pause();
+#endif
+        ++spins;
+      }
+      if (g == seen) {
+        std::unique_lock<std::mutex> lk(mu_);
+        cv_.wait(lk, [&] { return gen_.load(std::memory_order_acquire) != seen; });
+      }
+      const std::function<void(int)>* job;
+      int active;
+      {
+        // generation, job and worker count are published together under mu_
+        std::lock_guard<std::mutex> lk(mu_);
+        seen = gen_.load(std::memory_order_acquire);
+        job = job_;
+        active = active_;
+      }
+      if (id <= active) {
+        (*job)(id);
+        pending_.fetch_sub(1, std::memory_order_acq_rel);
+      }
+    }
+  }
+
+  std::mutex call_mu_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::vector<std::thread> workers_;
+  const std::function<void(int)>* job_ = nullptr;
+  int active_ = 0;
+  std::atomic<uint64_t> gen_{0};
+  std::atomic<int> pending_{0};
+};
+
+KernelFn pick(Simd s, int64_t W, bool masked, int nq) {
+  switch (s) {
+    case Simd::Avx512:
+      return avx512_kernel(W, masked, nq);
+    case Simd::Avx2:
+      return avx2_kernel(W, masked, nq);
+    default:
+      return scalar_kernel(W, masked, nq);
+  }
+}
+
+struct Plan {
+  int threads;
+  int64_t group;   // queries per task
+  int64_t ngroups;
+  int64_t splits;  // gallery ranges
+  int64_t chunk;   // codes per chunk
+};
+
+Plan make_plan(const SearchInput& in) {
+  Plan p;
+  int t = in.num_threads > 0 ? in.num_threads : hardware_threads();
+  p.threads = std::max(1, t);
+  if (in.nq >= 16 * static_cast<int64_t>(p.threads)) {
+    p.splits = 1;
+    // at most 64 queries per task, and enough tasks to keep every thread busy
+    int64_t per = (in.nq + 4 * p.threads - 1) / (4 * p.threads);
+    p.group = std::min<int64_t>(64, std::max<int64_t>(8, (per + 7) / 8 * 8));
+  } else {
+    p.group = std::min<int64_t>(64, in.nq);
+    // a few ranges per thread for balance on a shared machine, but each at least 32k codes
+    int64_t want = static_cast<int64_t>(p.threads) * (p.threads > 1 ? 4 : 1);
+    int64_t maxs = std::max<int64_t>(1, in.nx / 32768);
+    p.splits = std::max<int64_t>(1, std::min(want, maxs));
+  }
+  p.ngroups = (in.nq + p.group - 1) / p.group;
+  p.chunk = std::max<int64_t>(64, (8192 / in.W) / 8 * 8);
+  if (p.threads > p.ngroups * p.splits) p.threads = static_cast<int>(p.ngroups * p.splits);
+  return p;
+}
+
+// Gallery range of split s: boundaries on multiples of 8 so only the last chunk is partial.
+void split_range(const SearchInput& in, const Plan& p, int64_t s, int64_t* lo, int64_t* hi) {
+  int64_t blocks = (in.nx + 7) / 8;
+  *lo = std::min(in.nx, blocks * s / p.splits * 8);
+  *hi = std::min(in.nx, blocks * (s + 1) / p.splits * 8);
+}
+
+// Runs every task; `body(task_queries..., selectors)` is given selectors already filled.
+// init(sel, q) prepares a selector, done(q, split, sel) consumes it.
+template <class Init, class Done>
+void run_tasks(const SearchInput& in, const Plan& p, Init init, Done done) {
+  const bool simd_layout = in.simd != Simd::Scalar;
+  const bool masked = in.mask != nullptr;
+  KernelFn k8 = pick(in.simd, in.W, masked, 8), k4 = pick(in.simd, in.W, masked, 4),
+           k2 = pick(in.simd, in.W, masked, 2), k1 = pick(in.simd, in.W, masked, 1);
+  const int64_t ntasks = p.ngroups * p.splits;
+  std::atomic<int64_t> next{0};
+  std::mutex err_mu;
+  std::string err;
+  auto worker = [&](int) {
+    try {
+      std::vector<uint64_t> blocked;
+      if (simd_layout) blocked.resize(static_cast<size_t>((p.chunk + 8) * in.W));
+      std::vector<Selector> sels(static_cast<size_t>(p.group));
+      std::vector<int64_t> hist(static_cast<size_t>(64 * in.W + 1));
+      std::vector<const uint64_t*> qrows(static_cast<size_t>(p.group));
+      std::vector<const uint64_t*> mrows(static_cast<size_t>(p.group));
+      std::vector<Selector*> sp(static_cast<size_t>(p.group));
+      for (;;) {
+        const int64_t t = next.fetch_add(1, std::memory_order_relaxed);
+        if (t >= ntasks) break;
+        // splits vary fastest so that concurrent tasks of one query group share its rows
+        const int64_t g = t / p.splits, s = t % p.splits;
+        const int64_t q0 = g * p.group, nqg = std::min(p.group, in.nq - q0);
+        int64_t lo, hi;
+        split_range(in, p, s, &lo, &hi);
+        for (int64_t i = 0; i < nqg; ++i) {
+          init(&sels[i], &hist);
+          sp[i] = &sels[i];
+          qrows[i] = in.q + (q0 + i) * in.W;
+          if (masked) mrows[i] = in.mask + (in.mask_rows == 1 ? 0 : (q0 + i) * in.W);
+        }
+        for (int64_t c0 = lo; c0 < hi; c0 += p.chunk) {
+          const int64_t n = std::min(p.chunk, hi - c0);
+          const uint64_t* xp = in.x + c0 * in.W;
+          if (simd_layout && (in.W > 1 || n % 8 != 0)) {
+            // blocked layout [block][word][8], zero padded to a whole block
+            const int64_t nb = (n + 7) / 8;
+            uint64_t* dst = blocked.data();
+            for (int64_t b = 0; b < nb; ++b) {
+              for (int64_t l = 0; l < 8; ++l) {
+                const int64_t j = b * 8 + l;
+                for (int64_t w = 0; w < in.W; ++w)
+                  dst[(b * in.W + w) * 8 + l] = j < n ? xp[j * in.W + w] : 0;
+              }
+            }
+            xp = dst;
+          }
+          int64_t i = 0;
+          while (i < nqg) {
+            const int64_t left = nqg - i;
+            const int nb = left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
+            KernelFn f = nb == 8 ? k8 : nb == 4 ? k4 : nb == 2 ? k2 : k1;
+            KernelArgs a{nb, in.W, qrows.data() + i, masked ? mrows.data() + i : nullptr,
+                         sp.data() + i, xp, n, c0};
+            f(a);
+            i += nb;
+          }
+        }
+        for (int64_t i = 0; i < nqg; ++i) done(q0 + i, s, &sels[i]);
+      }
+    } catch (const std::exception& e) {
+      std::lock_guard<std::mutex> lk(err_mu);
+      if (err.empty()) err = e.what();
+      next.store(ntasks);
+    }
+  };
+  Pool::get().run(p.threads, worker);
+  if (!err.empty()) throw std::runtime_error(err);
+}
+
+}  // namespace
+
+void topk_search(const SearchInput& in, int64_t k, int32_t* out_d, int64_t* out_i) {
+  Plan p = make_plan(in);
+  const int64_t maxd = 64 * in.W;
+  // with gallery splits, each (query, split) keeps its own sorted top-k, merged afterwards
+  std::vector<uint64_t> part;
+  std::vector<int64_t> part_n;
+  if (p.splits > 1) {
+    part.resize(static_cast<size_t>(in.nq * p.splits * k));
+    part_n.resize(static_cast<size_t>(in.nq * p.splits));
+  }
+  auto init = [&](Selector* s, std::vector<int64_t>* h) { s->init_topk(k, maxd, h); };
+  auto done = [&](int64_t q, int64_t sidx, Selector* s) {
+    const int64_t n = s->finish();
+    if (p.splits == 1) {
+      for (int64_t j = 0; j < n; ++j) {
+        out_d[q * k + j] = static_cast<int32_t>(s->buf[j] >> kIndexBits);
+        out_i[q * k + j] = static_cast<int64_t>(s->buf[j] & kIndexMask);
+      }
+    } else {
+      std::memcpy(&part[(q * p.splits + sidx) * k], s->buf, static_cast<size_t>(n) * 8);
+      part_n[q * p.splits + sidx] = n;
+    }
+  };
+  run_tasks(in, p, init, done);
+  if (p.splits > 1) {
+    std::vector<uint64_t> all;
+    for (int64_t q = 0; q < in.nq; ++q) {
+      all.clear();
+      for (int64_t s = 0; s < p.splits; ++s) {
+        const uint64_t* src = &part[(q * p.splits + s) * k];
+        all.insert(all.end(), src, src + part_n[q * p.splits + s]);
+      }
+      std::partial_sort(all.begin(), all.begin() + k, all.end());
+      for (int64_t j = 0; j < k; ++j) {
+        out_d[q * k + j] = static_cast<int32_t>(all[j] >> kIndexBits);
+        out_i[q * k + j] = static_cast<int64_t>(all[j] & kIndexMask);
+      }
+    }
+  }
+}
+
+void radius_search(const SearchInput& in, int64_t r, int64_t* lims, std::vector<int32_t>* out_d,
+                   std::vector<int64_t>* out_i) {
+  Plan p = make_plan(in);
+  std::vector<std::vector<uint64_t>> part(static_cast<size_t>(in.nq * p.splits));
+  auto init = [&](Selector* s, std::vector<int64_t>*) { s->init_radius(r); };
+  auto done = [&](int64_t q, int64_t sidx, Selector* s) {
+    const int64_t n = s->finish();
+    part[q * p.splits + sidx].assign(s->buf, s->buf + n);
+  };
+  run_tasks(in, p, init, done);
+  lims[0] = 0;
+  for (int64_t q = 0; q < in.nq; ++q) {
+    int64_t c = 0;
+    for (int64_t s = 0; s < p.splits; ++s) c += static_cast<int64_t>(part[q * p.splits + s].size());
+    lims[q + 1] = lims[q] + c;
+  }
+  out_d->resize(static_cast<size_t>(lims[in.nq]));
+  out_i->resize(static_cast<size_t>(lims[in.nq]));
+  std::vector<uint64_t> all;
+  for (int64_t q = 0; q < in.nq; ++q) {
+    all.clear();
+    for (int64_t s = 0; s < p.splits; ++s) {
+      auto& v = part[q * p.splits + s];
+      all.insert(all.end(), v.begin(), v.end());
+      std::vector<uint64_t>().swap(v);
+    }
+    if (p.splits > 1) std::sort(all.begin(), all.end());
+    int64_t o = lims[q];
+    for (uint64_t key : all) {
+      (*out_d)[o] = static_cast<int32_t>(key >> kIndexBits);
+      (*out_i)[o] = static_cast<int64_t>(key & kIndexMask);
+      ++o;
+    }
+  }
+}
+
+}  // namespace fasthash

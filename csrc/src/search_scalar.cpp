@@ -1,0 +1,62 @@
+// Scalar POPCNT kernel: row-major gallery, up to 8 queries per pass so each loaded code is reused.
+// Compiled with the baseline flags plus POPCNT (present on every x86-64 CPU since 2008 that has
+// SSE4.2; the dispatcher checks it): without it __builtin_popcountll would be a table lookup.
+#include <cstdint>
+#include <vector>
+
+#include "fasthash/engine.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#pragma GCC push_options
+#pragma GCC target("popcnt")
+#endif
+
+namespace fasthash {
+namespace {
+
+template <int QB, int WT, bool MASK>
+void scalar_block(const KernelArgs& a) {
+  const int64_t W = WT > 0 ? WT : a.W;
+  const uint64_t* qr[QB];
+  const uint64_t* mr[QB];
+  int64_t lim[QB];
+  for (int i = 0; i < QB; ++i) {
+    qr[i] = a.q[i];
+    mr[i] = MASK ? a.mask[i] : nullptr;
+    lim[i] = a.sel[i]->lim;
+  }
+  for (int64_t j = 0; j < a.n; ++j) {
+    const uint64_t* xj = a.x + j * W;
+    for (int i = 0; i < QB; ++i) {
+      int64_t d = 0;
+      for (int64_t w = 0; w < W; ++w) {
+        uint64_t v = qr[i][w] ^ xj[w];
+        if (MASK) v &= mr[i][w];
+        d += __builtin_popcountll(v);
+      }
+      if (d <= lim[i]) {
+        Selector* s = a.sel[i];
+        s->buf[s->n++] = (static_cast<uint64_t>(d) << kIndexBits) | static_cast<uint64_t>(a.base + j);
+        if (s->n >= s->cap) {
+          s->overflow();
+          lim[i] = s->lim;
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+KernelFn scalar_kernel(int64_t W, bool masked, int nq) {
+#define KERNEL scalar_block
+#include "fasthash/kernel_dispatch.h"
+  FASTHASH_PICK_KERNEL()
+#undef KERNEL
+}
+
+}  // namespace fasthash
+
+#if defined(__x86_64__) || defined(__i386__)
+#pragma GCC pop_options
+#endif
