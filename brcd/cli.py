@@ -1,0 +1,195 @@
+"""Command line: ``python -m brcd {train-teacher, build-masks, distill, evaluate, encode, demo}``.
+
+Every subcommand takes ``--config`` (a preset name or YAML file), a few common flags and
+``--set dotted.key=value`` overrides (values parsed as YAML), then calls :mod:`brcd.task`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from .config import Config, list_presets, load_config
+
+__all__ = ["main", "build_parser"]
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("run")
+    g.add_argument("--config", default="fashion-mnist",
+                   help=f"preset ({', '.join(list_presets())}) or YAML file "
+                   "(default fashion-mnist)")
+    g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key, e.g. --set teacher.train.epochs=5 (repeatable)")
+    g.add_argument("--bits", type=int, help="code length L (teacher and student)")
+    g.add_argument("--out", dest="out_dir", help="output folder (checkpoints, logs, cache)")
+    g.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--dataset", help="fashion-mnist | digits | cifar10 | imagefolder")
+    g.add_argument("--data-root", help="dataset folder")
+    g.add_argument("--quiet", action="store_true", help="no progress bars / logs")
+
+
+def _stage_flags(p: argparse.ArgumentParser, stage: str) -> None:
+    g = p.add_argument_group(stage)
+    g.add_argument("--epochs", type=int, help=f"{stage}.train.epochs")
+    g.add_argument("--lr", type=float, help=f"{stage}.train.lr")
+    g.add_argument("--batch-size", type=int, help=f"{stage}.train.batch_size")
+    g.add_argument("--cache-views", type=int, help=f"{stage}.train.cache_views (0 = off)")
+    g.add_argument("--model", help=f"{stage}.model.name (tiny-cnn or any timm name)")
+    g.add_argument("--image-size", type=int, help=f"{stage}.model.image_size")
+    g.add_argument(f"--{stage}-weights", dest="weights", help=f"local weight file for the "
+                   f"{stage} backbone ({stage}.model.weights)")
+    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    g.add_argument("--resume", help=f"continue from a {stage}_last.pt checkpoint")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of ``python -m brcd``."""
+    ap = argparse.ArgumentParser(prog="python -m brcd", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train-teacher", help="train the teacher hashing model (no labels)")
+    _common(p)
+    _stage_flags(p, "teacher")
+
+    p = sub.add_parser("build-masks", help="k-means on teacher codes + per-cluster bit masks")
+    _common(p)
+    p.add_argument("--teacher", help="teacher checkpoint (default <out>/teacher_best_teacher.pt)")
+    p.add_argument("--clusters", type=int, help="masks.n_clusters (C)")
+    p.add_argument("--choose-clusters", help="comma-separated candidates for C (silhouette)")
+    p.add_argument("--delta", type=float, help="masks.delta (keep |mu| > delta)")
+    p.add_argument("--mask-convention", choices=["agree", "redundant", "none"])
+
+    p = sub.add_parser("distill", help="train the student (BRCD or a KD baseline)")
+    _common(p)
+    _stage_flags(p, "student")
+    p.add_argument("--teacher",
+                   help="teacher checkpoint with masks (default <out>/teacher_masks.pt)")
+    p.add_argument("--method", choices=["brcd", "none", "kd-codes", "sp", "rkd"])
+    p.add_argument("--alpha", type=float, help="distill.alpha (individual-space weight)")
+    p.add_argument("--no-mask", action="store_true", help="structural term on unmasked codes")
+    p.add_argument("--no-offset-positive", action="store_true", help="alpha_k = alpha always")
+    p.add_argument("--no-false-negative", action="store_true", help="keep same-cluster negatives")
+    p.add_argument("--kd-weight", type=float, help="weight of a KD baseline's term")
+
+    p = sub.add_parser("evaluate", help="test mAP: teacher/teacher, SSHP, ASHP")
+    _common(p)
+    p.add_argument("--student", help="student checkpoint")
+    p.add_argument("--teacher", help="teacher checkpoint (default: the student's teacher)")
+    p.add_argument("--topk", type=int, help="K of mAP@K")
+    p.add_argument("--json", dest="json_out", help="also write the results to this JSON file")
+
+    p = sub.add_parser("encode", help="codes of a split with a checkpoint (.npy)")
+    _common(p)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--split", default="query", choices=["train", "query", "database", "val"])
+    p.add_argument("--output", required=True, help="output .npy of ±1 int8 codes; packed uint64 "
+                   "words go to <output>.words.npy and labels to <output>.labels.npy")
+
+    p = sub.add_parser("demo", help="the end-to-end Fashion-MNIST demo (brcd/demo.py)",
+                       add_help=False)
+    p.add_argument("demo_args", nargs=argparse.REMAINDER)
+    return ap
+
+
+def _overrides(args: argparse.Namespace, stage: str | None) -> dict:
+    o: dict = {}
+    for item in args.overrides:
+        if "=" not in item:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        o[k.strip()] = yaml.safe_load(v)
+    for flag, key in (("bits", "bits"), ("out_dir", "out_dir"), ("device", "device"),
+                      ("seed", "seed"), ("dataset", "data.name"), ("data_root", "data.root")):
+        if getattr(args, flag, None) is not None:
+            o[key] = getattr(args, flag)
+    if stage:
+        for flag, key in (("epochs", "train.epochs"), ("lr", "train.lr"),
+                          ("batch_size", "train.batch_size"), ("cache_views", "train.cache_views"),
+                          ("model", "model.name"), ("image_size", "model.image_size"),
+                          ("weights", "model.weights"), ("compile", "train.compile")):
+            if getattr(args, flag, None) is not None:
+                o[f"{stage}.{key}"] = getattr(args, flag)
+    if getattr(args, "clusters", None) is not None:
+        o["masks.n_clusters"] = args.clusters
+    if getattr(args, "choose_clusters", None):
+        o["masks.choose_from"] = [int(x) for x in args.choose_clusters.split(",")]
+    if getattr(args, "delta", None) is not None:
+        o["masks.delta"] = args.delta
+    if getattr(args, "mask_convention", None):
+        o["masks.convention"] = args.mask_convention
+    for flag, key in (("method", "distill.method"), ("alpha", "distill.alpha"),
+                      ("kd_weight", "distill.kd_weight"), ("topk", "topk")):
+        if getattr(args, flag, None) is not None:
+            o[key] = getattr(args, flag)
+    if getattr(args, "no_mask", False):
+        o["distill.use_mask"] = False
+    if getattr(args, "no_offset_positive", False):
+        o["distill.offset_positive"] = False
+    if getattr(args, "no_false_negative", False):
+        o["distill.false_negative"] = False
+    return o
+
+
+def _run_demo(argv: list[str]) -> int:
+    try:
+        demo = importlib.import_module("brcd.demo")
+    except ModuleNotFoundError as exc:
+        if exc.name != "brcd.demo":
+            raise
+        print("error: brcd/demo.py does not exist yet (the demo is written separately); use "
+              "train-teacher / build-masks / distill / evaluate meanwhile", file=sys.stderr)
+        return 2
+    return int(demo.main(argv) or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (2 on a configuration/input error)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "demo":
+        return _run_demo(argv[1:])
+    args = build_parser().parse_args(argv)
+    from . import task
+
+    stage = {"train-teacher": "teacher", "distill": "student"}.get(args.cmd)
+    try:
+        cfg: Config = load_config(args.config, _overrides(args, stage))
+        progress = not args.quiet
+        if args.cmd == "train-teacher":
+            print(task.train_teacher(cfg, resume=args.resume, progress=progress))
+        elif args.cmd == "build-masks":
+            print(task.build_masks(cfg, teacher=args.teacher, progress=progress))
+        elif args.cmd == "distill":
+            print(task.distill(cfg, teacher=args.teacher, resume=args.resume, progress=progress))
+        elif args.cmd == "evaluate":
+            res = task.evaluate(cfg, student=args.student, teacher=args.teacher,
+                                progress=progress)
+            if args.json_out:
+                Path(args.json_out).write_text(json.dumps(res, indent=2))
+        elif args.cmd == "encode":
+            from fasthash import pack_codes
+
+            from . import data as D
+
+            splits = D.make_splits(cfg.data, cfg.seed)
+            images = getattr(splits, args.split)
+            codes = task.encode(args.checkpoint, images, cfg.data.view_size, cfg.device,
+                                bits=cfg.bits).numpy()
+            out = Path(args.output)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            np.save(out, codes.astype(np.int8))
+            np.save(out.with_suffix(".words.npy"), pack_codes(codes))
+            np.save(out.with_suffix(".labels.npy"), images.labels)
+            print(f"{out}: {codes.shape[0]} codes of {codes.shape[1]} bits ({args.split})")
+    except (ValueError, TypeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+

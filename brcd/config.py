@@ -1,0 +1,261 @@
+"""Run configuration: dataclasses for data / models / masks / losses / training, loaded from YAML.
+
+A config is one :class:`Config` with nested sections. Presets live in ``brcd/configs/*.yaml``
+(package data); :func:`load_config` takes a preset name or a YAML path plus dotted overrides
+(``{"teacher.train.epochs": 3}``), checks every key and value, and returns the dataclass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "DataConfig",
+    "ModelConfig",
+    "TrainConfig",
+    "StageConfig",
+    "MaskConfig",
+    "DistillConfig",
+    "Config",
+    "load_config",
+    "list_presets",
+    "config_to_dict",
+    "config_from_dict",
+]
+
+# Presets ship as package data next to this module.
+_CONFIG_DIR = Path(__file__).with_name("configs")
+
+
+@dataclass
+class DataConfig:
+    """Dataset and split protocol.
+
+    ``train_per_class`` (if set) draws a class-balanced training subset, else ``n_train`` images.
+    Queries come from the official test split (or a held-out part of the pool when a dataset has
+    none), the database from the training pool (``n_database: null`` = the whole pool), and the
+    validation queries from the training pool outside the training subset; validation retrieves
+    against the training subset, so it never touches the test queries.
+    """
+
+    name: str = "digits"
+    root: str | None = None
+    view_size: int = 16  # side of the augmented / deterministic uint8 views (before each model)
+    n_train: int | None = 1000
+    train_per_class: int | None = None
+    n_query: int | None = 300
+    n_database: int | None = None
+    n_val: int = 200
+    test_fraction: float = 0.2  # for datasets without a test split (digits, imagefolder)
+    num_workers: int = 0
+
+
+@dataclass
+class ModelConfig:
+    """A hashing model: backbone name, head, weights, input size."""
+
+    name: str = "tiny-cnn"
+    head: str = "linear"
+    hidden: int = 512
+    pretrained: bool = False
+    weights: str | None = None
+    freeze_backbone: bool = False
+    image_size: int = 16
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation of one stage (teacher or student)."""
+
+    epochs: int = 1
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    cosine: bool = False
+    grad_clip: float | None = 5.0
+    amp: bool = True  # only takes effect on CUDA
+    compile: bool = False
+    eval_every: int = 1  # epochs; 0 disables validation
+    cache_views: int = 0  # >0: precompute frozen-backbone features of this many views per image
+    steps_per_epoch: int | None = None  # None = one pass over the training subset
+
+
+@dataclass
+class StageConfig:
+    """Model + optimisation for one network."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class MaskConfig:
+    """k-means clusters on teacher codes and per-cluster bit masks (BRCD_SPEC §4-5)."""
+
+    n_clusters: int = 10
+    choose_from: list[int] | None = None  # candidates for C, picked by silhouette
+    n_init: int = 10
+    delta: float = 0.5
+    convention: str = "agree"  # agree: keep |mu| > delta; redundant: keep |mu| <= delta; none
+
+
+@dataclass
+class DistillConfig:
+    """Student objective: ``L_own + L_BRCD`` or a KD baseline."""
+
+    method: str = "brcd"  # brcd | none | kd-codes | sp | rkd
+    alpha: float = 0.8
+    use_mask: bool = True
+    offset_positive: bool = True
+    false_negative: bool = True
+    kd_weight: float | None = None  # None = the method's default (see brcd.losses)
+
+
+@dataclass
+class Config:
+    """Everything a run needs; see ``brcd/configs/*.yaml``."""
+
+    seed: int = 0
+    bits: int = 16
+    device: str = "auto"
+    out_dir: str = "runs/brcd"
+    temperature: float = 0.3
+    kl_weight: float = 0.001
+    topk: int = 1000
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: StageConfig = field(default_factory=StageConfig)
+    student: StageConfig = field(default_factory=StageConfig)
+    masks: MaskConfig = field(default_factory=MaskConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+
+    def validate(self) -> Config:
+        """Raise ``ValueError`` naming the offending option; return self."""
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or self.bits <= 0:
+            raise ValueError(f"bits must be a positive integer, got {self.bits!r}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
+        if not 0.0 <= self.distill.alpha <= 1.0:
+            raise ValueError(f"distill.alpha must be in [0, 1], got {self.distill.alpha!r}")
+        methods = ("brcd", "none", "kd-codes", "sp", "rkd")
+        if self.distill.method not in methods:
+            raise ValueError(
+                f"distill.method must be one of {methods}, got {self.distill.method!r}"
+            )
+        conventions = ("agree", "redundant", "none")
+        if self.masks.convention not in conventions:
+            raise ValueError(
+                f"masks.convention must be one of {conventions}, got {self.masks.convention!r}"
+            )
+        if self.masks.n_clusters < 2:
+            raise ValueError(f"masks.n_clusters must be >= 2, got {self.masks.n_clusters}")
+        if self.data.view_size < 8:
+            raise ValueError(f"data.view_size must be >= 8 pixels, got {self.data.view_size}")
+        for stage in ("teacher", "student"):
+            s: StageConfig = getattr(self, stage)
+            if s.train.epochs < 0:
+                raise ValueError(f"{stage}.train.epochs must be >= 0, got {s.train.epochs}")
+            if s.train.batch_size < 2:
+                raise ValueError(f"{stage}.train.batch_size must be >= 2, got {s.train.batch_size}")
+            if s.train.cache_views == 1 or s.train.cache_views < 0:
+                raise ValueError(
+                    f"{stage}.train.cache_views must be 0 (off) or >= 2 (two distinct views per "
+                    f"step), got {s.train.cache_views}"
+                )
+            if s.train.cache_views and not s.model.freeze_backbone and stage == "teacher":
+                raise ValueError(
+                    "teacher.train.cache_views needs teacher.model.freeze_backbone: true "
+                    "(cached features are only valid for a frozen backbone)"
+                )
+            if s.model.head not in ("linear", "mlp"):
+                raise ValueError(
+                    f"{stage}.model.head must be 'linear' or 'mlp', got {s.model.head!r}"
+                )
+        return self
+
+
+def list_presets() -> list[str]:
+    """Names of the YAML presets shipped in ``brcd/configs``."""
+    return sorted(p.stem for p in _CONFIG_DIR.glob("*.yaml"))
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """Plain nested dict (YAML/JSON/checkpoint friendly)."""
+    return dataclasses.asdict(cfg)
+
+
+def _build(cls, data: dict[str, Any], where: str):
+    if not isinstance(data, dict):
+        raise ValueError(f"config section {where or '<root>'} must be a mapping, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise ValueError(
+                f"unknown config key {where + key!r}; valid keys here: {sorted(fields)}"
+            )
+        default = getattr(cls(), key)
+        if dataclasses.is_dataclass(default):
+            kwargs[key] = _build(type(default), value, f"{where}{key}.")
+        else:
+            kwargs[key] = value
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Inverse of :func:`config_to_dict` (unknown keys raise ``ValueError``)."""
+    return _build(Config, data, "").validate()
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(
+    source: str | Path | None = None, overrides: dict[str, Any] | None = None
+) -> Config:
+    """Load a preset name or YAML file, apply dotted overrides and validate.
+
+    Args:
+        source: a preset name (see :func:`list_presets`), a path to a YAML file, or None
+            (built-in defaults: digits, tiny CNNs).
+        overrides: ``{"dotted.key": value}``, e.g. ``{"bits": 32, "student.train.epochs": 2}``.
+
+    Returns:
+        the validated :class:`Config`.
+
+    Example:
+        >>> cfg = load_config("fashion-mnist", {"bits": 32}); cfg.bits
+        32
+    """
+    data: dict[str, Any] = {}
+    if source is not None:
+        src = str(source)
+        path = Path(src)
+        if not path.is_file():
+            if src in list_presets():
+                text = (_CONFIG_DIR / f"{src}.yaml").read_text()
+            else:
+                raise ValueError(
+                    f"config {src!r} is neither a YAML file nor a preset; presets: {list_presets()}"
+                )
+        else:
+            text = path.read_text()
+        data = yaml.safe_load(text) or {}
+    for key, value in (overrides or {}).items():
+        node: dict[str, Any] = {}
+        cur = node
+        parts = key.split(".")
+        for p in parts[:-1]:
+            cur[p] = {}
+            cur = cur[p]
+        cur[parts[-1]] = value
+        data = _merge(data, node)
+    return config_from_dict(data)

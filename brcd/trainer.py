@@ -1,0 +1,179 @@
+"""A small, generic training loop: Adam (+ optional cosine schedule), AMP on CUDA, gradient
+clipping, atomic checkpoints every epoch plus the best per paradigm on validation, exact resume,
+tqdm progress (loss, images/s) and a JSONL metrics log.
+
+The loop knows nothing about hashing: :mod:`brcd.task` gives it a step function (batch → loss,
+parts), a per-epoch batch iterator (seeded by epoch, so a resumed run sees the same batches) and
+a validation function (→ ``{paradigm: mAP}``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Iterable
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import TrainConfig
+
+__all__ = ["Trainer", "save_checkpoint", "load_checkpoint", "seed_everything"]
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def save_checkpoint(obj: dict[str, Any], path: str | Path) -> Path:
+    """``torch.save`` to a temporary file in the same folder, then an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a brcd checkpoint on the CPU; a clear error when the file is missing."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"checkpoint {str(path)!r} does not exist")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(ckpt, dict) or "kind" not in ckpt:
+        raise ValueError(f"{str(path)!r} is not a brcd checkpoint")
+    return ckpt
+
+
+class Trainer:
+    """Runs epochs of ``step_fn`` over ``batches(epoch)``.
+
+    Args:
+        model: the trainable module (its ``state_dict`` is checkpointed).
+        cfg: optimisation settings. device: where batches are moved by ``step_fn``.
+        out_dir: checkpoint / log folder. tag: file prefix (``teacher`` / ``student``).
+        step_fn: ``batch -> (loss, {name: float})``, called under autocast on CUDA.
+        batches: ``epoch -> iterable of batches``; ``steps_per_epoch`` its length.
+        batch_images: images per step (for images/s).
+        validate: ``() -> {paradigm: mAP}`` or None. extra: saved in every checkpoint.
+        progress: show tqdm bars.
+    """
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, device: torch.device, out_dir: Path,
+                 tag: str, step_fn: Callable[[Any], tuple[torch.Tensor, dict[str, float]]],
+                 batches: Callable[[int], Iterable[Any]], steps_per_epoch: int, batch_images: int,
+                 validate: Callable[[], dict[str, float]] | None, extra: dict[str, Any],
+                 progress: bool = True) -> None:
+        self.model, self.cfg, self.device = model, cfg, device
+        self.out_dir, self.tag = Path(out_dir), tag
+        self.step_fn, self.batches, self.validate = step_fn, batches, validate
+        self.steps_per_epoch, self.batch_images = steps_per_epoch, batch_images
+        self.extra, self.progress = extra, progress
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError(f"{tag}: the model has no trainable parameters")
+        self.opt = torch.optim.Adam(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        total = max(1, cfg.epochs * steps_per_epoch)
+        self.sched = (torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+            if cfg.cosine else None)
+        self.use_amp = bool(cfg.amp) and device.type == "cuda"
+        self.start_epoch, self.best = 0, {}
+        self.history: list[dict[str, Any]] = []
+        self.log_path = self.out_dir / f"{tag}_metrics.jsonl"
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def path(self, which: str) -> Path:
+        return self.out_dir / f"{self.tag}_{which}.pt"
+
+    def _state(self, epoch: int) -> dict[str, Any]:
+        return {
+            **self.extra, "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict() if self.sched else None, "epoch": epoch,
+            "best": dict(self.best), "torch_rng": torch.get_rng_state(),
+        }
+
+    def resume(self, path: str | Path) -> None:
+        """Restore model, optimiser, schedule, best scores and epoch from a checkpoint."""
+        ckpt = load_checkpoint(path)
+        if ckpt.get("kind") != self.extra.get("kind"):
+            raise ValueError(f"--resume {path}: a {ckpt.get('kind')} checkpoint, "
+                             f"expected {self.extra.get('kind')}")
+        if ckpt.get("bits") != self.extra.get("bits"):
+            raise ValueError(f"--resume {path}: checkpoint has {ckpt.get('bits')}-bit codes, "
+                             f"this run uses bits={self.extra.get('bits')}")
+        self.model.load_state_dict(ckpt["model"])
+        self.opt.load_state_dict(ckpt["optimizer"])
+        if self.sched and ckpt.get("scheduler"):
+            self.sched.load_state_dict(ckpt["scheduler"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        self.best = dict(ckpt.get("best", {}))
+        self.start_epoch = int(ckpt["epoch"]) + 1
+
+    # -- loop -----------------------------------------------------------------------------
+    def fit(self) -> list[dict[str, Any]]:
+        """Train from ``start_epoch`` to ``cfg.epochs``; returns one record per epoch."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        amp = (torch.autocast("cuda", dtype=torch.bfloat16) if self.use_amp else nullcontext())
+        for epoch in range(self.start_epoch, self.cfg.epochs):
+            self.model.train()
+            t0, n_img, losses, parts_sum = time.perf_counter(), 0, [], {}
+            bar = tqdm(total=self.steps_per_epoch, desc=f"{self.tag} {epoch + 1}/{self.cfg.epochs}",
+                       disable=not self.progress, leave=False, dynamic_ncols=True)
+            for batch in self.batches(epoch):
+                with amp:
+                    loss, parts = self.step_fn(batch)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"{self.tag}: non-finite loss at epoch {epoch}")
+                self.opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if self.cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+                self.opt.step()
+                if self.sched:
+                    self.sched.step()
+                losses.append(float(loss.detach()))
+                for k, v in parts.items():
+                    parts_sum[k] = parts_sum.get(k, 0.0) + v
+                n_img += self.batch_images
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses[-1]:.4f}",
+                                img_s=f"{n_img / (time.perf_counter() - t0):.0f}")
+            bar.close()
+            seconds = time.perf_counter() - t0
+            rec: dict[str, Any] = {
+                "stage": self.tag, "epoch": epoch,
+                "loss": float(np.mean(losses)) if losses else None,
+                **{k: v / max(1, len(losses)) for k, v in parts_sum.items()},
+                "lr": self.opt.param_groups[0]["lr"], "seconds": round(seconds, 3),
+                "images_per_s": round(n_img / max(seconds, 1e-9), 1),
+            }
+            if self.validate and self.cfg.eval_every and (
+                    (epoch + 1) % self.cfg.eval_every == 0 or epoch + 1 == self.cfg.epochs):
+                scores = self.validate()
+                rec.update({f"val_{k}": v for k, v in scores.items()})
+                for k, v in scores.items():
+                    if v > self.best.get(k, -1.0):
+                        self.best[k] = v
+                        save_checkpoint(self._state(epoch), self.path(f"best_{k}"))
+            save_checkpoint(self._state(epoch), self.path("last"))
+            rec["step_losses"] = losses
+            with open(self.log_path, "a") as fh:
+                fh.write(json.dumps(rec) + "\n")
+            self.history.append(rec)
+            if self.progress:
+                shown = {k: v for k, v in rec.items() if k != "step_losses"}
+                tqdm.write(json.dumps(shown))
+        return self.history
