@@ -49,6 +49,18 @@ def _out_dtype(*ts: Tensor) -> torch.dtype:
     return blocked.compute_dtype(*ts)
 
 
+def _use_triton(key: str, length: int, *ts: Tensor) -> bool:
+    """Whether a CUDA call runs the Triton kernels: triton importable, L within the kernels'
+    register budget and no float64 input (float64 stays exact on the torch path)."""
+    if any(t.dtype == torch.float64 for t in ts):
+        return False
+    if length > _TRITON_MAX_BITS or not triton_usable():
+        _warn_once(key, f"fasthash: Triton kernel not used for {key} (triton missing or "
+                   f"L > {_TRITON_MAX_BITS}); running the blocked torch path on CUDA")
+        return False
+    return True
+
+
 # --------------------------------------------------------------------------- masked similarity
 
 
@@ -73,9 +85,7 @@ def _(x, y, mx_table, mx_ids, my_table, my_ids, normalize):
 
 @torch.library.register_kernel("fasthash::masked_similarity", "cuda")
 def _(x, y, mx_table, mx_ids, my_table, my_ids, normalize):
-    if x.shape[1] > _TRITON_MAX_BITS or not triton_usable():
-        _warn_once("ms", "fasthash.masked_hamming_similarity: Triton kernel not used "
-                   f"(triton missing or L > {_TRITON_MAX_BITS}); running the torch path on CUDA")
+    if not _use_triton("masked_similarity", x.shape[1], x, y):
         return blocked.masked_similarity_cpu(x, y, mx_table, mx_ids, my_table, my_ids, normalize)
     from .masked_similarity_triton import masked_similarity_forward
 
@@ -106,7 +116,7 @@ def _(grad, x, y, mx_table, mx_ids, my_table, my_ids, normalize):
 
 @torch.library.register_kernel("fasthash::masked_similarity_grad", "cuda")
 def _(grad, x, y, mx_table, mx_ids, my_table, my_ids, normalize):
-    if x.shape[1] > _TRITON_MAX_BITS or not triton_usable():
+    if not _use_triton("masked_similarity", x.shape[1], x, y):
         return blocked.masked_similarity_grad_cpu(
             grad, x, y, mx_table, mx_ids, my_table, my_ids, normalize
         )
@@ -160,9 +170,7 @@ def _(za, zb, pos, row_cluster, col_cluster, inv_tau):
 
 @torch.library.register_kernel("fasthash::contrastive_lse", "cuda")
 def _(za, zb, pos, row_cluster, col_cluster, inv_tau):
-    if za.shape[1] > _TRITON_MAX_BITS or not triton_usable():
-        _warn_once("lse", "fasthash contrastive loss: Triton kernel not used (triton missing or "
-                   f"L > {_TRITON_MAX_BITS}); running the blocked torch path on CUDA")
+    if not _use_triton("contrastive_lse", za.shape[1], za, zb, pos):
         return blocked.contrastive_lse_cpu(za, zb, pos, row_cluster, col_cluster, inv_tau)
     from .contrastive_triton import contrastive_lse_forward
 
@@ -193,7 +201,7 @@ def _(grad_lse, za, zb, lse, row_cluster, col_cluster, inv_tau, grad_rows):
 
 @torch.library.register_kernel("fasthash::contrastive_lse_backward", "cuda")
 def _(grad_lse, za, zb, lse, row_cluster, col_cluster, inv_tau, grad_rows):
-    if za.shape[1] > _TRITON_MAX_BITS or not triton_usable():
+    if not _use_triton("contrastive_lse", za.shape[1], za, zb, lse):
         return blocked.contrastive_lse_backward_cpu(
             grad_lse, za, zb, lse, row_cluster, col_cluster, inv_tau, grad_rows
         )

@@ -1,0 +1,280 @@
+"""Fused contrastive log-sum-exp (BRCD / NT-Xent) in Triton: flash-style forward with an online
+log-sum-exp over column tiles, deterministic recompute backward. Imports triton: load lazily.
+
+Math (as :mod:`fasthash.ops.blocked`): ``Z = [za; zb]`` (R = 2B unit or zero rows),
+``G = Z Z^T / tau``; row a's statistic is
+``lse[a] = log(exp(pos[a mod B]) + sum_{b in keep(a)} exp(G[a, b]))`` with keep(a) dropping
+``b = a``, the partner ``(a + B) mod R`` and, with clusters, ``col_cluster[b] == row_cluster[a]``.
+
+Forward (``_contrastive_lse_fwd_kernel``): one program per (row tile, column split). The row tile
+is loaded once with ``log2(e) / tau`` folded in, so ``tl.dot`` yields base-2 logits and each
+logit costs one ``exp2``. Two constexpr variants: an online max (``FIXED_SHIFT=False``) or, when
+``2 / tau`` is small enough that ``exp2(s - 1/tau)`` cannot underflow, a fixed shift by the
+bound ``|G| <= 1/tau`` (no running max, no rescaling). Only ``(m, l)`` per row and split leave the
+kernel; the launcher merges splits with a log-add (O(splits * R)).
+
+Backward (``_contrastive_lse_bwd_kernel``): one program per (row tile of the rows that need a
+gradient, column split); it recomputes each logit tile and accumulates
+``dZ[i] += (g[i] P[i, b] + g[b] P[b, i]) Z[b]`` (the row and the column role of row i, using the
+saved per-row lse), so no atomics and no second kernel are needed; splits are summed by the
+launcher in a fixed order (deterministic).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._triton_common import LN2, LOG2E, check_device, dot_precision, next_pow2
+from ._triton_common import num_sms as _num_sms
+
+# 2/tau (in natural units) below which the fixed shift is safe in fp32 (exp(-80) is normal)
+_FIXED_SHIFT_LIMIT = 80.0
+
+
+@triton.jit
+def _contrastive_lse_fwd_kernel(
+    Z, POS, RC, CC, M_OUT, L_OUT,
+    R, HALF, L, stride_z, cols_per_split,
+    scale,  # log2(e) / tau
+    HAS_CL: tl.constexpr,
+    FIXED_SHIFT: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_r = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < R
+    offs_l = tl.arange(0, BLOCK_L)
+    lmask = offs_l < L
+    q = tl.load(Z + rows[:, None] * stride_z + offs_l[None, :],
+                mask=rmask[:, None] & lmask[None, :], other=0.0).to(tl.float32)
+    q = q * scale  # base-2 logits straight out of the dot
+    partner = tl.where(rows < HALF, rows + HALF, rows - HALF)
+    sample = tl.where(rows < HALF, rows, rows - HALF)
+    pos2 = tl.load(POS + sample, mask=rmask, other=0.0).to(tl.float32) * 1.4426950408889634
+    first = (pid_s == 0).to(tl.float32)
+    if FIXED_SHIFT:
+        # |logit|, |pos| <= 1/tau, so exp2(x - scale) lies in (2^(-2 scale), 1]
+        m_i = tl.zeros([BLOCK_R], dtype=tl.float32) + scale
+        l_i = tl.exp2(pos2 - scale) * first
+    else:
+        m_i = pos2
+        l_i = tl.zeros([BLOCK_R], dtype=tl.float32) + first
+    if HAS_CL:
+        rc = tl.load(RC + rows, mask=rmask, other=-1)
+    c_start = pid_s * cols_per_split
+    c_end = tl.minimum(R, c_start + cols_per_split)
+    for c0 in range(c_start, c_end, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        cmask = cols < c_end
+        k = tl.load(Z + cols[:, None] * stride_z + offs_l[None, :],
+                    mask=cmask[:, None] & lmask[None, :], other=0.0).to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        keep = (cmask[None, :] & (cols[None, :] != rows[:, None])
+                & (cols[None, :] != partner[:, None]))
+        if HAS_CL:
+            cc = tl.load(CC + cols, mask=cmask, other=-2)
+            keep = keep & (rc[:, None] != cc[None, :])
+        if FIXED_SHIFT:
+            p = tl.where(keep, tl.exp2(s - scale), 0.0)
+            l_i += tl.sum(p, 1)
+        else:
+            s = tl.where(keep, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(p, 1)
+            m_i = m_new
+    tl.store(M_OUT + pid_s * R + rows, m_i, mask=rmask)
+    tl.store(L_OUT + pid_s * R + rows, l_i, mask=rmask)
+
+
+@triton.jit
+def _contrastive_lse_bwd_kernel(
+    Z, LSE, G, RC, CC, DZ,
+    R, HALF, GRAD_ROWS, L, stride_z, cols_per_split,
+    scale,  # log2(e) / tau
+    inv_tau,
+    HAS_CL: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_r = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < GRAD_ROWS
+    offs_l = tl.arange(0, BLOCK_L)
+    lmask = offs_l < L
+    q = tl.load(Z + rows[:, None] * stride_z + offs_l[None, :],
+                mask=rmask[:, None] & lmask[None, :], other=0.0).to(tl.float32)
+    q = q * scale
+    partner = tl.where(rows < HALF, rows + HALF, rows - HALF)
+    lse_r = tl.load(LSE + rows, mask=rmask, other=0.0) * 1.4426950408889634
+    g_r = tl.load(G + rows, mask=rmask, other=0.0)
+    if HAS_CL:
+        rc_r = tl.load(RC + rows, mask=rmask, other=-1)
+        cc_r = tl.load(CC + rows, mask=rmask, other=-2)
+    acc = tl.zeros([BLOCK_R, BLOCK_L], dtype=tl.float32)
+    c_start = pid_s * cols_per_split
+    c_end = tl.minimum(R, c_start + cols_per_split)
+    for c0 in range(c_start, c_end, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        cmask = cols < c_end
+        k = tl.load(Z + cols[:, None] * stride_z + offs_l[None, :],
+                    mask=cmask[:, None] & lmask[None, :], other=0.0).to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        lse_c = tl.load(LSE + cols, mask=cmask, other=0.0) * 1.4426950408889634
+        g_c = tl.load(G + cols, mask=cmask, other=0.0)
+        geo = (cmask[None, :] & (cols[None, :] != rows[:, None])
+               & (cols[None, :] != partner[:, None]))
+        keep_r = geo
+        keep_c = geo
+        if HAS_CL:
+            rc_c = tl.load(RC + cols, mask=cmask, other=-1)
+            cc_c = tl.load(CC + cols, mask=cmask, other=-2)
+            keep_r = keep_r & (rc_r[:, None] != cc_c[None, :])
+            keep_c = keep_c & (rc_c[None, :] != cc_r[:, None])
+        # select, never multiply: non-kept entries may overflow to inf
+        p = tl.where(keep_r, tl.exp2(s - lse_r[:, None]) * g_r[:, None], 0.0)
+        p += tl.where(keep_c, tl.exp2(s - lse_c[None, :]) * g_c[None, :], 0.0)
+        acc += tl.dot(p, k, input_precision=DOT_PRECISION)
+    acc = acc * inv_tau
+    tl.store(DZ + (pid_s * GRAD_ROWS + rows[:, None]) * L + offs_l[None, :], acc,
+             mask=rmask[:, None] & lmask[None, :])
+
+
+# --------------------------------------------------------------------------- launchers
+
+
+def _blocks(length: int, device: torch.device, block_r: int | None, block_c: int | None):
+    bl = next_pow2(length)
+    if device.type == "cuda":
+        if bl <= 128:
+            br, bc, warps = 128, 64, 8
+        elif bl <= 256:
+            br, bc, warps = 64, 64, 8
+        else:
+            br, bc, warps = 32, 32, 8
+    else:  # interpreter: few, large-ish tiles (each program step costs milliseconds)
+        br, bc, warps = 64, 64, 4
+    return bl, block_r or br, block_c or bc, warps
+
+
+def _splits(n_row_tiles: int, n_col_tiles: int, device: torch.device, splits: int | None) -> int:
+    if splits is None:
+        target = 2 * _num_sms(device)
+        splits = max(1, -(-target // n_row_tiles)) if device.type == "cuda" else 1
+    return max(1, min(splits, n_col_tiles))
+
+
+def _prepare(za, zb, row_cluster, col_cluster):
+    check_device(za, zb)
+    if za.shape != zb.shape:
+        raise ValueError(f"zb must have shape {tuple(za.shape)} like za, got {tuple(zb.shape)}")
+    if (row_cluster is None) != (col_cluster is None):
+        raise ValueError("row_cluster and col_cluster must both be given or both be None")
+    z = torch.cat([za, zb]).contiguous()
+    if z.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        z = z.float()
+    rc = cc = None
+    if row_cluster is not None:
+        rc = row_cluster.to(torch.int64).contiguous()
+        cc = col_cluster.to(torch.int64).contiguous()
+    return z, rc, cc
+
+
+def contrastive_lse_forward(
+    za: torch.Tensor,
+    zb: torch.Tensor,
+    pos: torch.Tensor,
+    row_cluster: torch.Tensor | None,
+    col_cluster: torch.Tensor | None,
+    inv_tau: float,
+    *,
+    block_r: int | None = None,
+    block_c: int | None = None,
+    splits: int | None = None,
+    fixed_shift: bool | None = None,
+) -> torch.Tensor:
+    """Per-row lse [2B] (float32) of the fused contrastive loss; see the module docstring.
+
+    Args:
+        za, zb: the two halves of Z (unit or zero rows), ``[B, L]`` each, fp32/fp16/bf16.
+        pos: positive logits ``[B]`` (already divided by tau). row_cluster, col_cluster:
+            int ``[2B]`` or both None. inv_tau: 1 / tau.
+        block_r, block_c, splits, fixed_shift: tiling overrides (tests, tuning).
+
+    Returns:
+        float32 ``[2B]``.
+    """
+    z, rc, cc = _prepare(za, zb, row_cluster, col_cluster)
+    total, length = z.shape
+    bl, br, bc, warps = _blocks(length, z.device, block_r, block_c)
+    n_rt, n_ct = triton.cdiv(total, br), triton.cdiv(total, bc)
+    n_split = _splits(n_rt, n_ct, z.device, splits)
+    cols_per_split = triton.cdiv(n_ct, n_split) * bc
+    n_split = triton.cdiv(total, cols_per_split)
+    if fixed_shift is None:
+        fixed_shift = 2.0 * inv_tau < _FIXED_SHIFT_LIMIT
+    m = torch.empty(n_split, total, dtype=torch.float32, device=z.device)
+    lsum = torch.empty_like(m)
+    pos = pos.float().contiguous()
+    scale = inv_tau * LOG2E
+    _contrastive_lse_fwd_kernel[(n_rt, n_split)](
+        z, pos, rc if rc is not None else pos, cc if cc is not None else pos, m, lsum,
+        total, za.shape[0], length, z.stride(0), cols_per_split, scale,
+        HAS_CL=rc is not None, FIXED_SHIFT=bool(fixed_shift),
+        BLOCK_R=br, BLOCK_C=bc, BLOCK_L=bl, DOT_PRECISION=dot_precision(),
+        num_warps=warps,
+    )
+    if n_split == 1:
+        return (m[0] + torch.log2(lsum[0])) * LN2
+    mx = m.max(dim=0).values
+    return (mx + torch.log2((lsum * torch.exp2(m - mx)).sum(dim=0))) * LN2
+
+
+def contrastive_lse_backward(
+    grad_lse: torch.Tensor,
+    za: torch.Tensor,
+    zb: torch.Tensor,
+    lse: torch.Tensor,
+    row_cluster: torch.Tensor | None,
+    col_cluster: torch.Tensor | None,
+    inv_tau: float,
+    grad_rows: int,
+    *,
+    block_r: int | None = None,
+    block_c: int | None = None,
+    splits: int | None = None,
+) -> torch.Tensor:
+    """Gradient [grad_rows, L] (float32) of ``sum(grad_lse * lse)`` w.r.t. the first
+    ``grad_rows`` rows of ``[za; zb]``, recomputing the logits tile by tile."""
+    z, rc, cc = _prepare(za, zb, row_cluster, col_cluster)
+    total, length = z.shape
+    if not 0 < grad_rows <= total:
+        raise ValueError(f"grad_rows must be in [1, {total}], got {grad_rows}")
+    bl, br, bc, warps = _blocks(length, z.device, block_r, block_c)
+    n_rt, n_ct = triton.cdiv(grad_rows, br), triton.cdiv(total, bc)
+    n_split = _splits(n_rt, n_ct, z.device, splits)
+    cols_per_split = triton.cdiv(n_ct, n_split) * bc
+    n_split = triton.cdiv(total, cols_per_split)
+    dz = torch.empty(n_split, grad_rows, length, dtype=torch.float32, device=z.device)
+    g = grad_lse.float().contiguous()
+    lse = lse.float().contiguous()
+    _contrastive_lse_bwd_kernel[(n_rt, n_split)](
+        z, lse, g, rc if rc is not None else g, cc if cc is not None else g, dz,
+        total, za.shape[0], grad_rows, length, z.stride(0), cols_per_split,
+        inv_tau * LOG2E, inv_tau,
+        HAS_CL=rc is not None, BLOCK_R=br, BLOCK_C=bc, BLOCK_L=bl,
+        DOT_PRECISION=dot_precision(), num_warps=warps,
+    )
+    return dz[0] if n_split == 1 else dz.sum(dim=0)
+
+
+__all__ = ["contrastive_lse_forward", "contrastive_lse_backward"]
