@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <condition_variable>
 #include <cstring>
 #include <functional>
@@ -55,8 +56,27 @@ void Selector::compact() {
 }
 
 int64_t Selector::finish() {
-  std::sort(buf, buf + n);
-  if (k > 0 && n > k) n = k;
+  if (k > 0 && n > k) compact();  // exactly k left, still in index order
+  // Stable counting sort by distance: the buffer is in index order (keys arrive by increasing
+  // index within a task), so the result is ordered by (distance, index). O(n + bins), where a
+  // comparison sort of k = 1000 keys per query would cost as much as the scan.
+  const int64_t bins = hist ? static_cast<int64_t>(hist->size()) : 0;
+  if (bins == 0 || bins > 4 * n + 1024) {
+    std::sort(buf, buf + n);
+    return n;
+  }
+  std::vector<int64_t>& h = *hist;
+  std::fill(h.begin(), h.end(), 0);
+  for (int64_t i = 0; i < n; ++i) h[buf[i] >> kIndexBits]++;
+  int64_t pos = 0;
+  for (int64_t t = 0; t < bins; ++t) {
+    const int64_t c = h[t];
+    h[t] = pos;
+    pos += c;
+  }
+  std::vector<uint64_t> out(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) out[h[buf[i] >> kIndexBits]++] = buf[i];
+  std::copy(out.begin(), out.end(), buf);
   return n;
 }
 
@@ -244,15 +264,16 @@ void split_range(const SearchInput& in, const Plan& p, int64_t s, int64_t* lo, i
   *hi = std::min(in.nx, blocks * (s + 1) / p.splits * 8);
 }
 
-// Runs every task; `body(task_queries..., selectors)` is given selectors already filled.
-// init(sel, q) prepares a selector, done(q, split, sel) consumes it.
+// Runs every task. init(sel, hist) prepares a selector; done(q, split, sel) consumes it.
+// guess_k > 0 (top-k with whole-gallery tasks) enables the sampled starting limit below.
 template <class Init, class Done>
-void run_tasks(const SearchInput& in, const Plan& p, Init init, Done done) {
+void run_tasks(const SearchInput& in, const Plan& p, int64_t guess_k, Init init, Done done) {
   const bool simd_layout = in.simd != Simd::Scalar;
   const bool masked = in.mask != nullptr;
   KernelFn k8 = pick(in.simd, in.W, masked, 8), k4 = pick(in.simd, in.W, masked, 4),
            k2 = pick(in.simd, in.W, masked, 2), k1 = pick(in.simd, in.W, masked, 1);
   const int64_t ntasks = p.ngroups * p.splits;
+  const int64_t maxd = 64 * in.W;
   std::atomic<int64_t> next{0};
   std::mutex err_mu;
   std::string err;
@@ -261,24 +282,13 @@ void run_tasks(const SearchInput& in, const Plan& p, Init init, Done done) {
       std::vector<uint64_t> blocked;
       if (simd_layout) blocked.resize(static_cast<size_t>((p.chunk + 8) * in.W));
       std::vector<Selector> sels(static_cast<size_t>(p.group));
-      std::vector<int64_t> hist(static_cast<size_t>(64 * in.W + 1));
+      std::vector<int64_t> hist(static_cast<size_t>(maxd + 1));
       std::vector<const uint64_t*> qrows(static_cast<size_t>(p.group));
       std::vector<const uint64_t*> mrows(static_cast<size_t>(p.group));
       std::vector<Selector*> sp(static_cast<size_t>(p.group));
-      for (;;) {
-        const int64_t t = next.fetch_add(1, std::memory_order_relaxed);
-        if (t >= ntasks) break;
-        // splits vary fastest so that concurrent tasks of one query group share its rows
-        const int64_t g = t / p.splits, s = t % p.splits;
-        const int64_t q0 = g * p.group, nqg = std::min(p.group, in.nq - q0);
-        int64_t lo, hi;
-        split_range(in, p, s, &lo, &hi);
-        for (int64_t i = 0; i < nqg; ++i) {
-          init(&sels[i], &hist);
-          sp[i] = &sels[i];
-          qrows[i] = in.q + (q0 + i) * in.W;
-          if (masked) mrows[i] = in.mask + (in.mask_rows == 1 ? 0 : (q0 + i) * in.W);
-        }
+      std::vector<int64_t> sample_d;
+      // Passes the queries [i0, i0 + cnt) of the current group over gallery codes [lo, hi).
+      auto scan = [&](int64_t i0, int64_t cnt, int64_t lo, int64_t hi) {
         for (int64_t c0 = lo; c0 < hi; c0 += p.chunk) {
           const int64_t n = std::min(p.chunk, hi - c0);
           const uint64_t* xp = in.x + c0 * in.W;
@@ -295,15 +305,64 @@ void run_tasks(const SearchInput& in, const Plan& p, Init init, Done done) {
             }
             xp = dst;
           }
-          int64_t i = 0;
-          while (i < nqg) {
-            const int64_t left = nqg - i;
+          int64_t i = i0;
+          while (i < i0 + cnt) {
+            const int64_t left = i0 + cnt - i;
             const int nb = left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
             KernelFn f = nb == 8 ? k8 : nb == 4 ? k4 : nb == 2 ? k2 : k1;
             KernelArgs a{nb, in.W, qrows.data() + i, masked ? mrows.data() + i : nullptr,
                          sp.data() + i, xp, n, c0};
             f(a);
             i += nb;
+          }
+        }
+      };
+      for (;;) {
+        const int64_t t = next.fetch_add(1, std::memory_order_relaxed);
+        if (t >= ntasks) break;
+        // splits vary fastest so that concurrent tasks of one query group share its rows
+        const int64_t g = t / p.splits, s = t % p.splits;
+        const int64_t q0 = g * p.group, nqg = std::min(p.group, in.nq - q0);
+        int64_t lo, hi;
+        split_range(in, p, s, &lo, &hi);
+        for (int64_t i = 0; i < nqg; ++i) {
+          sp[i] = &sels[i];
+          qrows[i] = in.q + (q0 + i) * in.W;
+          if (masked) mrows[i] = in.mask + (in.mask_rows == 1 ? 0 : (q0 + i) * in.W);
+        }
+        // Sampled starting limit: the streaming limit of a top-k scan starts at the maximum and
+        // falls slowly (about k ln(N / k) codes pass it), which dominates for large k. So first
+        // take every distance to a sample of S codes and start the limit at a generous sample
+        // quantile (rank 2 S k / N + 4 sqrt(S k / N) + 4, about 4x the k-th distance's share).
+        // If fewer than k codes of the range pass it, the query is scanned again from the
+        // maximum: the answer is exact either way.
+        constexpr int64_t kSample = 4096;
+        bool guessed = false;
+        if (guess_k >= 256 && hi - lo >= 32 * kSample) {
+          const double e = static_cast<double>(kSample) * guess_k / static_cast<double>(hi - lo);
+          const int64_t rank = static_cast<int64_t>(e + 3 * std::sqrt(e) + 3);
+          if (rank < kSample) {
+            guessed = true;
+            for (int64_t i = 0; i < nqg; ++i) sels[i].init_radius(maxd);
+            scan(0, nqg, lo, lo + kSample);
+            for (int64_t i = 0; i < nqg; ++i) {
+              std::fill(hist.begin(), hist.end(), 0);
+              for (int64_t j = 0; j < sels[i].n; ++j) hist[sels[i].buf[j] >> kIndexBits]++;
+              int64_t t = 0, below = hist[0];
+              while (below <= rank && t < maxd) below += hist[++t];
+              init(&sels[i], &hist);
+              sels[i].lim = std::min(sels[i].lim, t);
+            }
+          }
+        }
+        if (!guessed)
+          for (int64_t i = 0; i < nqg; ++i) init(&sels[i], &hist);
+        scan(0, nqg, lo, hi);
+        if (guessed) {
+          for (int64_t i = 0; i < nqg; ++i) {
+            if (sels[i].n >= guess_k) continue;
+            init(&sels[i], &hist);  // the guess was too tight: rescan this query exactly
+            scan(i, 1, lo, hi);
           }
         }
         for (int64_t i = 0; i < nqg; ++i) done(q0 + i, s, &sels[i]);
@@ -343,7 +402,7 @@ void topk_search(const SearchInput& in, int64_t k, int32_t* out_d, int64_t* out_
       part_n[q * p.splits + sidx] = n;
     }
   };
-  run_tasks(in, p, init, done);
+  run_tasks(in, p, p.splits == 1 ? k : 0, init, done);
   if (p.splits > 1) {
     std::vector<uint64_t> all;
     for (int64_t q = 0; q < in.nq; ++q) {
@@ -365,12 +424,12 @@ void radius_search(const SearchInput& in, int64_t r, int64_t* lims, std::vector<
                    std::vector<int64_t>* out_i) {
   Plan p = make_plan(in);
   std::vector<std::vector<uint64_t>> part(static_cast<size_t>(in.nq * p.splits));
-  auto init = [&](Selector* s, std::vector<int64_t>*) { s->init_radius(r); };
+  auto init = [&](Selector* s, std::vector<int64_t>* h) { s->init_radius(r, h); };
   auto done = [&](int64_t q, int64_t sidx, Selector* s) {
     const int64_t n = s->finish();
     part[q * p.splits + sidx].assign(s->buf, s->buf + n);
   };
-  run_tasks(in, p, init, done);
+  run_tasks(in, p, 0, init, done);
   lims[0] = 0;
   for (int64_t q = 0; q < in.nq; ++q) {
     int64_t c = 0;

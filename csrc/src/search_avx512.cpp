@@ -16,75 +16,69 @@
 namespace fasthash {
 namespace {
 
+// Slow path, out of line so the hot loop keeps everything in registers: push every query's
+// passing codes of block b. Branch-free per query (a compress and a store even when nothing
+// passes): hit patterns are random, so per-query branches would mispredict.
+template <int QB>
+__attribute__((noinline)) void push_hits(const KernelArgs& a, int64_t b, const __m512i* acc,
+                                         __mmask8 valid) {
+  const __m512i idx = _mm512_add_epi64(_mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7),
+                                       _mm512_set1_epi64(a.base + b * 8));
+  for (int i = 0; i < QB; ++i) {
+    Selector* s = a.sel[i];
+    const __mmask8 h = _mm512_cmple_epi64_mask(acc[i], _mm512_set1_epi64(s->lim)) & valid;
+    const __m512i key = _mm512_or_si512(_mm512_slli_epi64(acc[i], kIndexBits), idx);
+    _mm512_storeu_si512(s->buf + s->n, _mm512_maskz_compress_epi64(h, key));
+    s->n += __builtin_popcount(h);
+    if (__builtin_expect(s->n >= s->cap, 0)) s->overflow();
+  }
+}
+
 template <int QB, int WT, bool MASK>
 void avx512_block(const KernelArgs& a) {
   const int64_t W = WT > 0 ? WT : a.W;
   const uint64_t* qr[QB];
   const uint64_t* mr[QB];
   __m512i lim[QB];
+  __m512i q0[QB], m0[QB];  // word 0 of every query (and mask) held in registers
   for (int i = 0; i < QB; ++i) {
     qr[i] = a.q[i];
     mr[i] = MASK ? a.mask[i] : nullptr;
     lim[i] = _mm512_set1_epi64(a.sel[i]->lim);
+    q0[i] = _mm512_set1_epi64(static_cast<long long>(qr[i][0]));
+    m0[i] = MASK ? _mm512_set1_epi64(static_cast<long long>(mr[i][0])) : _mm512_setzero_si512();
   }
-  const __m512i lane = _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7);
   const int64_t nblk = (a.n + 7) / 8;
   const int tail = static_cast<int>(a.n - (nblk - 1) * 8);
   const uint64_t* xb = a.x;
   for (int64_t b = 0; b < nblk; ++b, xb += W * 8) {
     __m512i acc[QB];
-    if (WT == 1) {
+    {
       const __m512i g = _mm512_loadu_si512(xb);
       for (int i = 0; i < QB; ++i) {
-        const __m512i qq = _mm512_set1_epi64(static_cast<long long>(qr[i][0]));
-        __m512i v;
-        if (MASK) {
-          v = _mm512_ternarylogic_epi64(qq, g, _mm512_set1_epi64(static_cast<long long>(mr[i][0])),
-                                        0x28);
-        } else {
-          v = _mm512_xor_si512(qq, g);
-        }
+        const __m512i v = MASK ? _mm512_ternarylogic_epi64(q0[i], g, m0[i], 0x28)
+                               : _mm512_xor_si512(q0[i], g);
         acc[i] = _mm512_popcnt_epi64(v);
       }
-    } else {
-      for (int i = 0; i < QB; ++i) acc[i] = _mm512_setzero_si512();
-      for (int64_t w = 0; w < W; ++w) {
-        const __m512i g = _mm512_loadu_si512(xb + w * 8);
-        for (int i = 0; i < QB; ++i) {
-          const __m512i qq = _mm512_set1_epi64(static_cast<long long>(qr[i][w]));
-          __m512i v;
-          if (MASK) {
-            v = _mm512_ternarylogic_epi64(
-                qq, g, _mm512_set1_epi64(static_cast<long long>(mr[i][w])), 0x28);
-          } else {
-            v = _mm512_xor_si512(qq, g);
-          }
-          acc[i] = _mm512_add_epi64(acc[i], _mm512_popcnt_epi64(v));
-        }
+    }
+    for (int64_t w = 1; w < W; ++w) {
+      const __m512i g = _mm512_loadu_si512(xb + w * 8);
+      for (int i = 0; i < QB; ++i) {
+        const __m512i qq = _mm512_set1_epi64(static_cast<long long>(qr[i][w]));
+        const __m512i v =
+            MASK ? _mm512_ternarylogic_epi64(
+                       qq, g, _mm512_set1_epi64(static_cast<long long>(mr[i][w])), 0x28)
+                 : _mm512_xor_si512(qq, g);
+        acc[i] = _mm512_add_epi64(acc[i], _mm512_popcnt_epi64(v));
       }
     }
-    __mmask8 hit[QB];
     __mmask8 any = 0;
-    for (int i = 0; i < QB; ++i) {
-      hit[i] = _mm512_cmple_epi64_mask(acc[i], lim[i]);
-      any |= hit[i];
-    }
+    for (int i = 0; i < QB; ++i) any |= _mm512_cmple_epi64_mask(acc[i], lim[i]);
     if (__builtin_expect(any != 0, 0)) {
       const __mmask8 valid =
           b + 1 == nblk ? static_cast<__mmask8>((1u << tail) - 1u) : static_cast<__mmask8>(0xFF);
-      const __m512i idx = _mm512_add_epi64(lane, _mm512_set1_epi64(a.base + b * 8));
-      for (int i = 0; i < QB; ++i) {
-        const __mmask8 h = hit[i] & valid;
-        if (!h) continue;
-        Selector* s = a.sel[i];
-        const __m512i key = _mm512_or_si512(_mm512_slli_epi64(acc[i], kIndexBits), idx);
-        _mm512_storeu_si512(s->buf + s->n, _mm512_maskz_compress_epi64(h, key));
-        s->n += __builtin_popcount(h);
-        if (s->n >= s->cap) {
-          s->overflow();
-          lim[i] = _mm512_set1_epi64(s->lim);
-        }
-      }
+      push_hits<QB>(a, b, acc, valid);
+      for (int i = 0; i < QB; ++i) lim[i] = _mm512_set1_epi64(a.sel[i]->lim);
     }
   }
 }

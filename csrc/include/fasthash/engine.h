@@ -44,8 +44,9 @@ struct Selector {
     buf = storage.data();
     hist = h;
   }
-  void init_radius(int64_t r) {
+  void init_radius(int64_t r, std::vector<int64_t>* h = nullptr) {
     k = 0;
+    hist = h;
     lim = r;
     n = 0;
     cap = 256;
