@@ -46,6 +46,7 @@ class DataConfig:
     name: str = "digits"
     root: str | None = None
     view_size: int = 16  # side of the augmented / deterministic uint8 views (before each model)
+    augment: str = "batched"  # batched (vectorised) | torchvision (per-sample v2 pipeline)
     n_train: int | None = 1000
     train_per_class: int | None = None
     n_query: int | None = 300
@@ -153,6 +154,10 @@ class Config:
             )
         if self.masks.n_clusters < 2:
             raise ValueError(f"masks.n_clusters must be >= 2, got {self.masks.n_clusters}")
+        if self.data.augment not in ("batched", "torchvision"):
+            raise ValueError(
+                f"data.augment must be 'batched' or 'torchvision', got {self.data.augment!r}"
+            )
         if self.data.view_size < 8:
             raise ValueError(f"data.view_size must be >= 8 pixels, got {self.data.view_size}")
         for stage in ("teacher", "student"):

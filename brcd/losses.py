@@ -1,8 +1,8 @@
 """Training objectives composed from fasthash ops (BRCD_SPEC §2-5).
 
 The three fasthash entry points are reached through ONE adapter each (:func:`nt_xent`,
-:func:`masked_similarity`, :func:`brcd_term`), so moving from the pure-torch references to the
-fused ``fasthash.functional`` ops is a one-line change per adapter.
+:func:`masked_similarity`, :func:`brcd_term`): the fused ``fasthash.functional`` ops, which equal
+the pure-torch references in ``fasthash.reference`` (swapping back is a one-line change).
 
 * :func:`cibhash_loss` — ``L_own = NTXent(b1, b2; tau) + lambda_KL * sym. Bernoulli KL``.
 * :func:`brcd_distill_loss` — ``L_BRCD`` with switches for the bit mask, offset positives and
@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+import fasthash
 from fasthash import reference
 
 from .models import HashOutput
@@ -40,23 +41,25 @@ KD_DEFAULT_WEIGHTS = {"kd-codes": 1.0, "sp": 3000.0, "rkd": 25.0}
 
 # ---- the three adapters: the only places that choose between reference and fused ops -------
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.3) -> torch.Tensor:
-    """NT-Xent over two views (fasthash.nt_xent_loss semantics = reference.nt_xent_ref)."""
-    return reference.nt_xent_ref(z1, z2, temperature)
+    """NT-Xent over two views: fasthash.nt_xent_loss (= reference.nt_xent_ref)."""
+    return fasthash.nt_xent_loss(z1, z2, temperature)
 
 
 def masked_similarity(x: torch.Tensor, y: torch.Tensor, mask_x: torch.Tensor | None = None,
                       mask_y: torch.Tensor | None = None) -> torch.Tensor:
-    """Masked cosine similarity (fasthash.masked_hamming_similarity semantics)."""
-    return reference.masked_similarity_ref(x, y, mask_x, mask_y)
+    """Masked cosine similarity: fasthash.masked_hamming_similarity (= masked_similarity_ref)."""
+    return fasthash.masked_hamming_similarity(x, y, mask_x, mask_y)
 
 
 def brcd_term(student: torch.Tensor, teacher_same_view: torch.Tensor,
               teacher_other_view: torch.Tensor, mask_table: torch.Tensor | None,
               cluster_ids: torch.Tensor | None, aug_cluster_ids: torch.Tensor | None,
               alpha: float, temperature: float) -> torch.Tensor:
-    """The BRCD term (fasthash.brcd_contrastive_loss semantics = reference.brcd_loss_ref)."""
-    return reference.brcd_loss_ref(student, teacher_same_view, teacher_other_view, mask_table,
-                                   cluster_ids, aug_cluster_ids, alpha, temperature)
+    """The BRCD term: fasthash.brcd_contrastive_loss (= reference.brcd_loss_ref)."""
+    return fasthash.brcd_contrastive_loss(
+        student, teacher_same_view, teacher_other_view, mask_table=mask_table,
+        cluster_ids=cluster_ids, aug_cluster_ids=aug_cluster_ids, alpha=alpha,
+        temperature=temperature)
 # ---------------------------------------------------------------------------------------------
 
 

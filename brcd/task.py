@@ -174,7 +174,7 @@ def _view_cache(cfg: Config, model: HashModel, mc: ModelConfig, n_views: int,
 
     t0 = time.perf_counter()
     views, det = D.make_views(splits.train, cfg.data.view_size, n_views, cfg.seed,
-                              cfg.data.num_workers)
+                              cfg.data.num_workers, cfg.data.augment)
     t1 = time.perf_counter()
     n, v = views.shape[:2]
     flat = views.reshape(n * v, *views.shape[2:])
@@ -214,17 +214,14 @@ def _index_batches(n: int, batch_size: int, epoch: int, seed: int, n_views: int,
         yield perm[j], v1[perm[j]], v2[perm[j]]
 
 
-def _loader_batches(ds: D.TwoViewDataset, cfg: Config, batch_size: int, epoch: int,
-                    steps: int | None):
-    ds.set_epoch(epoch)
-    gen = torch.Generator().manual_seed(cfg.seed * 7919 + epoch)
-    it = D.loader(ds, batch_size, cfg.data.num_workers, shuffle=True, generator=gen)
-    for s, batch in enumerate(it):
-        if steps is not None and s >= steps:
-            break
-        if len(batch[2]) < 2:
-            continue
-        yield batch
+def _fresh_batches(base: torch.Tensor, cfg: Config, batch_size: int, epoch: int,
+                   steps: int | None) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """On-the-fly two views per image, keyed by (seed, epoch, index, view 0/1)."""
+    for idx, _, _ in _index_batches(len(base), batch_size, epoch, cfg.seed, 2, steps):
+        keys = idx.numpy()
+        yield (D.augment(base[idx], D.view_keys(cfg.seed, epoch, keys, 0), cfg.data.augment),
+               D.augment(base[idx], D.view_keys(cfg.seed, epoch, keys, 1), cfg.data.augment),
+               idx)
 
 
 def _steps(n: int, batch_size: int, steps: int | None) -> int:
@@ -273,10 +270,10 @@ def train_teacher(cfg: Config, resume: str | Path | None = None, progress: bool 
             return cibhash_loss(model.head_forward(f1), model.head_forward(f2), cfg.temperature,
                                 cfg.kl_weight)
     else:
-        ds = D.TwoViewDataset(splits.train, cfg.data.view_size, cfg.seed)
+        base = D.base_images(splits.train, cfg.data.view_size, cfg.data.num_workers)
 
         def batches(epoch):
-            return _loader_batches(ds, cfg, bs, epoch, st.train.steps_per_epoch)
+            return _fresh_batches(base, cfg, bs, epoch, st.train.steps_per_epoch)
 
         def step(batch):
             x1, x2 = (D.prepare_batch(b, size, device) for b in batch[:2])
@@ -420,10 +417,10 @@ def distill(cfg: Config, teacher: str | Path | None = None, resume: str | Path |
                 yield (cache.views[idx, v1], cache.views[idx, v2], idx, tcodes[idx, v1],
                        tcodes[idx, v2])
     else:
-        ds = D.TwoViewDataset(splits.train, cfg.data.view_size, cfg.seed)
+        base = D.base_images(splits.train, cfg.data.view_size, cfg.data.num_workers)
 
         def batches(epoch):
-            for x1, x2, idx in _loader_batches(ds, cfg, bs, epoch, st.train.steps_per_epoch):
+            for x1, x2, idx in _fresh_batches(base, cfg, bs, epoch, st.train.steps_per_epoch):
                 t1 = t2 = None
                 if tmodel is not None and dc.method != "none":
                     with torch.no_grad():

@@ -46,9 +46,9 @@ class HashOutput:
 class TinyCNN(nn.Module):
     """A ~0.13M-parameter CNN feature extractor for CPU-sized runs (any input >= 8 px).
 
-    conv3x3(3→32) → conv3x3(32→64, /2) → conv3x3(64→64) → conv3x3(64→128, /2), each with
-    BatchNorm + ReLU, then global average pooling → 128 features. With an MLP head (128→256→L)
-    the whole hashing model has ≈0.17M parameters.
+    conv3x3(3→32, /2) → conv3x3(32→64, /2) → conv3x3(64→64) → conv3x3(64→128, /2), each with
+    BatchNorm + ReLU, then global average pooling → 128 features: ≈4M multiply-adds at 28×28.
+    With an MLP head (128→256→L) the whole hashing model has ≈0.17M parameters.
     """
 
     num_features = 128
@@ -64,7 +64,7 @@ class TinyCNN(nn.Module):
             )
 
         self.features = nn.Sequential(
-            block(in_chans, 32, 1), block(32, 64, 2), block(64, 64, 1), block(64, 128, 2)
+            block(in_chans, 32, 2), block(32, 64, 2), block(64, 64, 1), block(64, 128, 2)
         )
         self.pool = nn.AdaptiveAvgPool2d(1)
 
