@@ -286,7 +286,7 @@ _SEGMENT_BYTES = 64 << 20  # memory-mapped galleries are searched 64 MiB at a ti
 
 def _crc32(buf, chunk: int = 16 << 20, release=None) -> int:
     crc = 0
-    view = memoryview(buf).cast("B")
+    view = memoryview(np.ascontiguousarray(buf).reshape(-1).view(np.uint8))
     for lo in range(0, len(view), chunk):
         crc = zlib.crc32(view[lo : lo + chunk], crc)
         if release is not None:
@@ -499,7 +499,9 @@ class HammingIndex:
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(head.ljust(_HEADER_SIZE, b"\0"))
-                f.write(memoryview(np.ascontiguousarray(data, dtype="<u8")).cast("B"))
+                per = max(1, (16 << 20) // (8 * self.words))  # bounded extra memory
+                for lo in range(0, data.shape[0], per):
+                    f.write(np.ascontiguousarray(data[lo : lo + per], dtype="<u8").tobytes())
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)

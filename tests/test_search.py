@@ -1,0 +1,237 @@
+"""hamming_topk / hamming_radius are bit-exact against the reference at every SIMD level."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import fasthash
+from fasthash import search as S
+from fasthash.reference import radius_ref, topk_ref
+
+C = pytest.importorskip("fasthash._C")
+LEVELS = C.available_simd_levels()
+
+
+@pytest.fixture(params=["scalar", "avx2", "avx512"])
+def simd(request):
+    if request.param not in LEVELS:
+        pytest.skip(f"this CPU lacks {request.param}")
+    return request.param
+
+
+def np_topk(q, x, k, m=None):
+    """Independent numpy reference: full distance matrix + stable argsort."""
+    diff = q[:, None, :] ^ x[None, :, :]
+    if m is not None:
+        diff &= m.reshape(-1, 1, q.shape[1]) if m.ndim == 2 else m
+    d = np.bitwise_count(diff).sum(-1).astype(np.int64)
+    i = np.argsort(d, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(d, i, 1), i
+
+
+def tie_heavy(rng, n, w, few_bits=3):
+    """Codes using only a few bits, with duplicated rows: almost every distance is tied."""
+    x = rng.integers(0, 1 << few_bits, (n, w), dtype=np.uint64)
+    x[n // 2 :] = x[: n - n // 2]
+    return x
+
+
+@pytest.mark.parametrize("w", [1, 2, 3, 4, 8, 9])
+@pytest.mark.parametrize("ties", [False, True])
+def test_topk_matches_reference(simd, w, ties):
+    rng = np.random.default_rng(w * 10 + ties)
+    n = 1237  # not a multiple of any block size
+    x = tie_heavy(rng, n, w) if ties else rng.integers(0, 2**64, (n, w), dtype=np.uint64)
+    q = np.concatenate([x[:5], rng.integers(0, 2**64, (14, w), dtype=np.uint64)])
+    masks = [None, rng.integers(0, 2**64, (w,), dtype=np.uint64),
+             rng.integers(0, 2**64, (q.shape[0], w), dtype=np.uint64)]
+    for m in masks:
+        rd, ri = np_topk(q, x, n, m)  # a full stable sort: every k is a prefix
+        for k in (1, 7, 300, n):
+            d, i = fasthash.hamming_topk(q, x, k, m, num_threads=2, simd=simd)
+            assert d.dtype == np.int32 and i.dtype == np.int64
+            np.testing.assert_array_equal(d, rd[:, :k])
+            np.testing.assert_array_equal(i, ri[:, :k])
+    if simd == LEVELS[0] and w <= 3:  # the numpy helper agrees with THE spec
+        for m in masks:
+            rd, ri = topk_ref(q, x, 50, m)
+            d, i = fasthash.hamming_topk(q, x, 50, m, simd=simd)
+            np.testing.assert_array_equal(d, rd.numpy())
+            np.testing.assert_array_equal(i, ri.numpy())
+
+
+def test_wide_codes_and_odd_lengths(simd):
+    rng = np.random.default_rng(3)
+    for bits in (1, 63, 100, 4096):
+        codes = rng.choice([-1.0, 1.0], (301, bits)).astype(np.float32)
+        x = fasthash.pack_codes(codes)  # padding bits are zero by construction
+        q = x[::37].copy()
+        rd, ri = topk_ref(q, x, 17)
+        d, i = fasthash.hamming_topk(q, x, 17, simd=simd)
+        np.testing.assert_array_equal(d, rd.numpy())
+        np.testing.assert_array_equal(i, ri.numpy())
+        assert (d[:, 0] == 0).all()
+
+
+def test_all_zero_mask_and_edge_sizes(simd):
+    rng = np.random.default_rng(4)
+    x = rng.integers(0, 2**64, (100, 2), dtype=np.uint64)
+    q = rng.integers(0, 2**64, (9, 2), dtype=np.uint64)
+    d, i = fasthash.hamming_topk(q, x, 100, np.zeros(2, np.uint64), simd=simd)
+    assert (d == 0).all() and (i == np.arange(100)).all()  # all tied: index order
+    one = x[:1]
+    d, i = fasthash.hamming_topk(q, one, 1, simd=simd)
+    np.testing.assert_array_equal(d[:, 0], np.bitwise_count(q ^ one).sum(1))
+    assert (i == 0).all()
+
+
+@pytest.mark.parametrize("nq", [1, 3, 40])
+def test_threads_do_not_change_results(simd, nq):
+    rng = np.random.default_rng(5)
+    x = tie_heavy(rng, 70_001, 1, few_bits=6)  # several gallery splits, heavy ties
+    q = rng.integers(0, 64, (nq, 1), dtype=np.uint64)
+    ref = fasthash.hamming_topk(q, x, 50, num_threads=1, simd=simd)
+    for t in (2, 3, 5):
+        out = fasthash.hamming_topk(q, x, 50, num_threads=t, simd=simd)
+        np.testing.assert_array_equal(out[0], ref[0])
+        np.testing.assert_array_equal(out[1], ref[1])
+    rd, ri = np_topk(q, x, 50)
+    np.testing.assert_array_equal(ref[0], rd)
+    np.testing.assert_array_equal(ref[1], ri)
+
+
+def test_large_k_sampled_limit_and_its_fallback(simd):
+    """Large k on a large gallery starts from a sampled limit; a misleading sample must not
+    change the answer (the query is rescanned)."""
+    rng = np.random.default_rng(6)
+    n, k = 140_003, 300
+    x = rng.integers(0, 2**64, (n, 1), dtype=np.uint64)
+    q = rng.integers(0, 2**64, (16, 1), dtype=np.uint64)
+    # the sampled prefix is unusually close to query 0 (distance 2), the rest is not
+    flips = rng.integers(0, 64, (60, 2))
+    x[:60, 0] = q[0, 0] ^ (np.uint64(1) << flips[:, 0].astype(np.uint64)) ^ (
+        np.uint64(1) << flips[:, 1].astype(np.uint64)
+    )
+    for m in (None, rng.integers(0, 2**64, (16, 1), dtype=np.uint64)):
+        d, i = fasthash.hamming_topk(q, x, k, m, num_threads=1, simd=simd)
+        rd, ri = np_topk(q, x, k, m)
+        np.testing.assert_array_equal(d, rd)
+        np.testing.assert_array_equal(i, ri)
+
+
+def test_radius_matches_reference(simd):
+    rng = np.random.default_rng(7)
+    for w, r in ((1, 26), (3, 80), (1, 0)):
+        x = rng.integers(0, 2**64, (999, w), dtype=np.uint64)
+        x[500:] = x[:499]
+        q = np.concatenate([x[:3], rng.integers(0, 2**64, (6, w), dtype=np.uint64)])
+        for m in (None, rng.integers(0, 2**64, (9, w), dtype=np.uint64)):
+            rl, rd, ri = radius_ref(q, x, r, m)
+            for t in (1, 2):
+                lims, d, i = fasthash.hamming_radius(q, x, r, m, num_threads=t, simd=simd)
+                np.testing.assert_array_equal(lims, rl.numpy())
+                np.testing.assert_array_equal(d, rd.numpy())
+                np.testing.assert_array_equal(i, ri.numpy())
+
+
+def test_torch_in_torch_out_and_zero_copy_views():
+    rng = np.random.default_rng(8)
+    x = rng.integers(0, 2**64, (200, 2), dtype=np.uint64)
+    q = x[:4].copy()
+    tq, tx = torch.from_numpy(q.view(np.int64)), torch.from_numpy(x.view(np.int64))
+    d, i = fasthash.hamming_topk(tq, tx, 3)
+    assert isinstance(d, torch.Tensor) and d.dtype == torch.int32 and i.dtype == torch.int64
+    nd, ni = fasthash.hamming_topk(q, x, 3)
+    assert isinstance(nd, np.ndarray)
+    np.testing.assert_array_equal(i.numpy(), ni)
+    lims, rd, ri = fasthash.hamming_radius(tq, tx, 40)
+    assert isinstance(lims, torch.Tensor)
+    assert S._as_words(torch.from_numpy(x.view(np.int64)), "x").ctypes.data == x.ctypes.data
+
+
+def test_empty_query_batch():
+    x = np.ones((5, 1), np.uint64)
+    d, i = fasthash.hamming_topk(np.zeros((0, 1), np.uint64), x, 2)
+    assert d.shape == (0, 2) and i.shape == (0, 2)
+
+
+@pytest.mark.parametrize(
+    "call, exc, word",
+    [
+        (lambda q, x: fasthash.hamming_topk(q.astype(np.float32), x, 1), TypeError, "queries"),
+        (lambda q, x: fasthash.hamming_topk(q, x.astype(np.int32), 1), TypeError, "gallery"),
+        (lambda q, x: fasthash.hamming_topk(q, np.tile(x, (2, 1))[::2], 1),
+         ValueError, "contiguous"),
+        (lambda q, x: fasthash.hamming_topk(q, np.tile(x, (1, 2)), 1), ValueError, "words"),
+        (lambda q, x: fasthash.hamming_topk(q[0], x, 1), ValueError, "queries"),
+        (lambda q, x: fasthash.hamming_topk(q, x, 0), ValueError, "k"),
+        (lambda q, x: fasthash.hamming_topk(q, x, 11), ValueError, "k"),
+        (lambda q, x: fasthash.hamming_topk(q, x, True), TypeError, "k"),
+        (lambda q, x: fasthash.hamming_topk(q, x, 2.0), TypeError, "k"),
+        (lambda q, x: fasthash.hamming_topk(q, x[:0], 1), ValueError, "gallery"),
+        (lambda q, x: fasthash.hamming_radius(q, x, -1), ValueError, "r"),
+        (lambda q, x: fasthash.hamming_topk(q, x, 1, np.ones((2, 1), np.uint64)), ValueError,
+         "mask"),
+        (lambda q, x: fasthash.hamming_topk(q, x, 1, np.ones(2, np.uint64)), ValueError, "mask"),
+        (lambda q, x: fasthash.hamming_topk(q, x, 1, np.ones(1, np.float64)), TypeError, "mask"),
+        (lambda q, x: fasthash.hamming_topk(q, x, 1, num_threads=0), ValueError, "num_threads"),
+        (lambda q, x: fasthash.hamming_topk(q, x, 1, simd="sse9"), ValueError, "simd"),
+        (lambda q, x: fasthash.hamming_topk(q.tolist(), x, 1), TypeError, "queries"),
+    ],
+)
+def test_bad_input(call, exc, word):
+    q = np.arange(3, dtype=np.uint64).reshape(3, 1)
+    x = np.arange(10, dtype=np.uint64).reshape(10, 1)
+    with pytest.raises(exc, match=word):
+        call(q, x)
+
+
+def test_fallback_without_extension(monkeypatch):
+    rng = np.random.default_rng(9)
+    x = rng.integers(0, 16, (5000, 1), dtype=np.uint64)  # > one reference block, many ties
+    q = rng.integers(0, 16, (3, 1), dtype=np.uint64)
+    m = rng.integers(0, 2**64, (3, 1), dtype=np.uint64)
+    fast = fasthash.hamming_topk(q, x, 40, m)
+    fast_r = fasthash.hamming_radius(q, x, 1, m)
+    monkeypatch.setattr(S, "_C", None)
+    monkeypatch.setattr(S, "_WARNED", False)
+    with pytest.warns(RuntimeWarning, match="_C is not built"):
+        slow = fasthash.hamming_topk(q, x, 40, m)
+    slow_r = fasthash.hamming_radius(q, x, 1, m)
+    for a, b in zip(fast + fast_r, slow + slow_r, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_simd_env_override():
+    code = "import fasthash._C as C; print(C.simd_level())"
+    env = dict(os.environ, FASTHASH_SIMD="scalar")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "scalar", out.stderr
+    env["FASTHASH_SIMD"] = "bogus"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode != 0 and "FASTHASH_SIMD" in out.stderr
+
+
+def test_set_simd_level_roundtrip():
+    before = C.simd_level()
+    try:
+        C.set_simd_level("scalar")
+        assert C.simd_level() == "scalar"
+        with pytest.raises(ValueError, match="simd"):
+            C.set_simd_level("nope")
+    finally:
+        C.set_simd_level(before)
+    assert C.simd_level() == LEVELS[-1] or "FASTHASH_SIMD" in os.environ
+
+
+def test_hamming_distances_binding():
+    rng = np.random.default_rng(10)
+    q = rng.integers(0, 2**64, (3, 2), dtype=np.uint64)
+    x = rng.integers(0, 2**64, (5, 2), dtype=np.uint64)
+    np.testing.assert_array_equal(
+        C.hamming_distances(q, x), np.bitwise_count(q[:, None] ^ x[None]).sum(-1)
+    )
