@@ -235,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
         env = fasthash.backend_info()
         rec["env"] = {"backend": env if isinstance(env, dict) else str(env),
                       "cpu": platform.processor() or platform.machine(),
-                      "cpu_count": os.cpu_count()}
+                      "cpu_count": os.cpu_count(),
+                      "loadavg_at_end": os.getloadavg()}  # other jobs on the box skew timings
         try:
             rec["env"]["commit"] = subprocess.run(
                 ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
