@@ -136,8 +136,13 @@ def test_masked_similarity_pm1_is_hamming():
 # --------------------------------------------------------------------------- fp32 CPU path
 
 
-@pytest.mark.parametrize("tau", [0.01, 0.3], ids=["online-max", "fixed-shift"])
-def test_fp32_both_lse_variants(tau):
+@pytest.mark.parametrize("tau,onehot", [(0.01, True), (0.3, True), (0.3, False)],
+                         ids=["online-max", "fixed-shift-onehot", "fixed-shift-compare"])
+def test_fp32_lse_variants(monkeypatch, tau, onehot):
+    """Online max (small tau), fixed shift with the clusters folded into the matmul, and fixed
+    shift with explicit compares (many distinct clusters)."""
+    if not onehot:
+        monkeypatch.setattr(blocked, "_MAX_ONEHOT", 1)
     g = _gen(4)
     s, t, t2, table, c, ca = _brcd_inputs(300, 64, g)
     kw = dict(mask_table=table, cluster_ids=c, aug_cluster_ids=ca, temperature=tau)

@@ -126,6 +126,26 @@ def masked_similarity_grad_cpu(
 # --------------------------------------------------------------------------- contrastive LSE
 
 
+# Same-cluster exclusion folded into the logits matmul: appending -BIG * onehot(row cluster) to
+# the rows and onehot(column cluster) to the columns adds exactly -BIG to dropped logits and
+# exactly 0 (products with 0) to kept ones, so exp() of a dropped logit underflows to exactly 0:
+# an exact removal without a compare / masked_fill pass per tile. Used while the number of
+# distinct clusters in the batch is small.
+_BIG = 1.0e4
+_MAX_ONEHOT = 128
+
+
+def _cluster_features(row_cluster, col_cluster, dt):
+    """(-BIG * onehot(row), onehot(col)) over the batch's distinct clusters, or None if many."""
+    both = torch.cat([row_cluster, col_cluster])
+    uniq, inv = torch.unique(both, return_inverse=True)
+    if uniq.numel() > _MAX_ONEHOT:
+        return None
+    oh = torch.nn.functional.one_hot(inv, uniq.numel()).to(dt)
+    n = row_cluster.shape[0]
+    return oh[:n] * -_BIG, oh[n:]
+
+
 def _band_hits(r0: int, r1: int, c0: int, c1: int, half: int) -> bool:
     """Whether columns [c0, c1) meet the diagonal or the partner band of rows [r0, r1)."""
     spans = [(r0, r1)]  # diagonal
@@ -136,7 +156,7 @@ def _band_hits(r0: int, r1: int, c0: int, c1: int, half: int) -> bool:
     return any(a < c1 and c0 < b for a, b in spans)
 
 
-def _keep_tile(
+def _drop_tile(
     r0: int,
     r1: int,
     c0: int,
@@ -147,17 +167,18 @@ def _keep_tile(
     col_cluster: torch.Tensor | None,
     device: torch.device,
 ) -> torch.Tensor | None:
-    """Boolean [r1-r0, c1-c0] tile of kept negatives, or None when every entry is kept."""
-    keep = None
+    """Boolean [r1-r0, c1-c0] tile of dropped entries (diagonal, partner, same cluster), or
+    None when every entry of the tile is a kept negative."""
+    drop = None
     if _band_hits(r0, r1, c0, c1, half):
         rows = torch.arange(r0, r1, device=device)
         cols = torch.arange(c0, c1, device=device)
         partner = (rows + half) % total
-        keep = (cols[None, :] != rows[:, None]) & (cols[None, :] != partner[:, None])
+        drop = (cols[None, :] == rows[:, None]) | (cols[None, :] == partner[:, None])
     if row_cluster is not None:
-        kc = row_cluster[r0:r1, None] != col_cluster[None, c0:c1]
-        keep = kc if keep is None else keep & kc
-    return keep
+        dc = row_cluster[r0:r1, None] == col_cluster[None, c0:c1]
+        drop = dc if drop is None else drop | dc
+    return drop
 
 
 def contrastive_lse_cpu(
@@ -174,29 +195,39 @@ def contrastive_lse_cpu(
     total, half = z.shape[0], za.shape[0]
     pos2 = torch.cat([pos, pos]).to(dt)
     zs = z * inv_tau  # rows pre-scaled: one matmul gives logits
+    zt = z.T
     fixed = 2.0 * inv_tau < _FIXED_SHIFT_LIMIT[dt]
+    shift = torch.full((1, 1), -inv_tau, dtype=dt, device=z.device)
     lse = torch.empty(total, dtype=dt, device=z.device)
+    feats = None
+    if fixed and row_cluster is not None:
+        feats = _cluster_features(row_cluster, col_cluster, dt)
+    if feats is not None:  # clusters handled inside the matmul (see _BIG)
+        zs = torch.cat([zs, feats[0]], dim=1)
+        zt = torch.cat([z, feats[1]], dim=1).T
+        row_cluster = col_cluster = None
     for r0 in range(0, total, BLOCK_ROWS):
         r1 = min(total, r0 + BLOCK_ROWS)
         q = zs[r0:r1]
         if fixed:
-            # logits and positives are bounded by 1/tau: exp(x - 1/tau) is in (e^{-2/tau}, 1]
+            # logits and positives are bounded by 1/tau: exp(x - 1/tau) is in (e^{-2/tau}, 1],
+            # so no running max is needed and each logit costs one exp
             acc = torch.exp(pos2[r0:r1] - inv_tau)
         else:
             m = pos2[r0:r1].clone()
             acc = torch.ones_like(m)
         for c0 in range(0, total, BLOCK_COLS):
             c1 = min(total, c0 + BLOCK_COLS)
-            s = q @ z[c0:c1].T
-            keep = _keep_tile(r0, r1, c0, c1, half, total, row_cluster, col_cluster, z.device)
+            drop = _drop_tile(r0, r1, c0, c1, half, total, row_cluster, col_cluster, z.device)
             if fixed:
-                s.sub_(inv_tau).exp_()
-                if keep is not None:
-                    s.masked_fill_(~keep, 0.0)
-                acc += s.sum(dim=1)
+                e = torch.addmm(shift, q, zt[:, c0:c1]).exp_()
+                if drop is not None:
+                    e.masked_fill_(drop, 0.0)
+                acc += e.sum(dim=1)
             else:
-                if keep is not None:
-                    s.masked_fill_(~keep, -math.inf)
+                s = q @ zt[:, c0:c1]
+                if drop is not None:
+                    s.masked_fill_(drop, -math.inf)
                 m_new = torch.maximum(m, s.amax(dim=1))
                 acc = acc * torch.exp(m - m_new) + torch.exp(s - m_new[:, None]).sum(dim=1)
                 m = m_new
@@ -215,13 +246,37 @@ def contrastive_lse_backward_cpu(
     grad_rows: int,
 ) -> torch.Tensor:
     """Gradient of ``sum(grad_lse * lse)`` w.r.t. the first ``grad_rows`` rows of ``[za; zb]``,
-    recomputing the logits block by block (two exps per logit, no N x N buffer)."""
+    recomputing the logits block by block (no N x N buffer).
+
+    In the fixed-shift regime one exp per logit serves both roles:
+    ``g[i] P[i, b] + g[b] P[b, i] = E[i, b] (a[i] + c[b])`` with ``E = exp(G - 1/tau)``,
+    ``a = g exp(1/tau - lse)`` (both factors are finite there); otherwise two exps are used.
+    """
     dt = compute_dtype(za, zb, lse)
     z = torch.cat([za, zb]).to(dt)
     total, half = z.shape[0], za.shape[0]
     g = grad_lse.to(dt)
     lse = lse.to(dt)
     zs = z * inv_tau
+    zt = z.T
+    fixed = 2.0 * inv_tau < _FIXED_SHIFT_LIMIT[dt]
+    shift = torch.full((1, 1), -inv_tau, dtype=dt, device=z.device)
+    coef = g * torch.exp(inv_tau - lse) if fixed else None
+    feats = None
+    if fixed and row_cluster is not None:
+        feats = _cluster_features(row_cluster, col_cluster, dt)
+    if feats is not None:
+        # weights w[i, b] = a[i] [rc_i != cc_b] + c[b] [rc_b != cc_i] as two exact low-rank
+        # products: a_i - a_i * onehot(rc_i).onehot(cc_b) sums a_i and -a_i (exactly 0 when
+        # dropped), likewise for the column role
+        oh_r, oh_c = feats[0] / -_BIG, feats[1]  # onehot(row cluster), onehot(col cluster)
+        ones = torch.ones(total, 1, dtype=dt, device=z.device)
+        cf = coef[:, None]
+        wr_a = torch.cat([cf, -cf * oh_r], dim=1)  # row role, row side
+        wr_b = torch.cat([ones, oh_c], dim=1).T  # row role, column side
+        wc_a = torch.cat([ones, -oh_c], dim=1)  # column role, row side (i's column cluster)
+        wc_b = torch.cat([cf, cf * oh_r], dim=1).T  # column role, column side (b's row cluster)
+        row_cluster = col_cluster = None
     out = torch.empty(grad_rows, z.shape[1], dtype=dt, device=z.device)
     for r0 in range(0, grad_rows, BLOCK_ROWS):
         r1 = min(grad_rows, r0 + BLOCK_ROWS)
@@ -229,25 +284,35 @@ def contrastive_lse_backward_cpu(
         acc = torch.zeros(r1 - r0, z.shape[1], dtype=dt, device=z.device)
         for c0 in range(0, total, BLOCK_COLS):
             c1 = min(total, c0 + BLOCK_COLS)
-            s = q @ z[c0:c1].T
-            keep_r = _keep_tile(r0, r1, c0, c1, half, total, row_cluster, col_cluster, z.device)
-            # keep(b, i): column b's row test against row i's column cluster (not symmetric)
-            keep_c = None
+            geo = _drop_tile(r0, r1, c0, c1, half, total, None, None, z.device)
+            drop_r = drop_c = geo
             if row_cluster is not None:
-                keep_c = row_cluster[None, c0:c1] != col_cluster[r0:r1, None]
-                keep_geo = _keep_tile(r0, r1, c0, c1, half, total, None, None, z.device)
-                if keep_geo is not None:
-                    keep_c = keep_c & keep_geo
-            elif keep_r is not None:
-                keep_c = keep_r
-            p_r = torch.exp(s - lse[r0:r1, None])
-            p_c = torch.exp(s - lse[None, c0:c1])
-            # non-kept entries may be inf: replace them (never multiply them by zero)
-            if keep_r is not None:
-                p_r.masked_fill_(~keep_r, 0.0)
-            if keep_c is not None:
-                p_c.masked_fill_(~keep_c, 0.0)
-            p_r.mul_(g[r0:r1, None]).add_(p_c.mul_(g[None, c0:c1]))
-            acc.addmm_(p_r, z[c0:c1])
+                # the column role tests row b's cluster against row i's column cluster
+                dr = row_cluster[r0:r1, None] == col_cluster[None, c0:c1]
+                dc = row_cluster[None, c0:c1] == col_cluster[r0:r1, None]
+                drop_r = dr if geo is None else dr | geo
+                drop_c = dc if geo is None else dc | geo
+            if fixed:
+                e = torch.addmm(shift, q, zt[:, c0:c1]).exp_()
+                if feats is not None:
+                    w = (wr_a[r0:r1] @ wr_b[:, c0:c1]).addmm_(wc_a[r0:r1], wc_b[:, c0:c1])
+                    if geo is not None:
+                        w.masked_fill_(geo, 0.0)
+                elif drop_r is None:
+                    w = coef[r0:r1, None] + coef[None, c0:c1]
+                else:
+                    w = torch.where(drop_r, 0.0, coef[r0:r1, None])
+                    w.add_(torch.where(drop_c, 0.0, coef[None, c0:c1]))
+                p = e.mul_(w)
+            else:
+                s = q @ zt[:, c0:c1]
+                p = torch.exp(s - lse[r0:r1, None])
+                p_c = torch.exp(s - lse[None, c0:c1])
+                # non-kept entries may be inf: replace them (never multiply them by zero)
+                if drop_r is not None:
+                    p.masked_fill_(drop_r, 0.0)
+                    p_c.masked_fill_(drop_c, 0.0)
+                p.mul_(g[r0:r1, None]).add_(p_c.mul_(g[None, c0:c1]))
+            acc.addmm_(p, z[c0:c1])
         out[r0:r1] = acc * inv_tau
     return out
