@@ -37,6 +37,10 @@ def test_comparisons_say_when_brcd_loses():
     assert any("SSHP" in x and "does NOT beat" in x and "SP 0.650" in x and "0.610" in x
                for x in lines)
     assert any("ASHP" in x and "beats every baseline" in x and "+0.500" in x for x in lines)
+    # a margin inside the seed spread is reported as a tie, not a win
+    table = {(16, "brcd", "sshp"): [0.60, 0.64], (16, "sp", "sshp"): [0.61, 0.60]}
+    lines = demo._comparisons(table, [16], ["sp", "brcd"])
+    assert "beats every baseline" in lines[0] and "not a clear win" in lines[1]
 
 
 @pytest.mark.slow
