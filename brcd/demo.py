@@ -109,9 +109,9 @@ def _defaults(args: argparse.Namespace) -> argparse.Namespace:
     if bad:
         raise ValueError(f"--methods: unknown {bad}; valid: {list(METHODS)}")
     if args.teacher_epochs is None:
-        args.teacher_epochs = 10 if q else 30
+        args.teacher_epochs = 10 if q else 20
     if args.student_epochs is None:
-        args.student_epochs = 4 if q else 6
+        args.student_epochs = 4 if q else 5
     if args.views is None:
         args.views = 4 if q else 8
     args.speed_batches = [int(b) for b in str(args.speed_batches).split(",") if b.strip()]
@@ -432,7 +432,7 @@ def _search_speed(db_words: np.ndarray, q_words: np.ndarray, bits: int, topk: in
     """fasthash exact top-k vs FAISS IndexBinaryFlat: the demo database and a synthetic one."""
     from fasthash import to_faiss_bytes
 
-    from .retrieval.index import _engine
+    from .retrieval.index import engine
     from .retrieval.index import topk as fh_topk
 
     faiss = None
@@ -448,7 +448,7 @@ def _search_speed(db_words: np.ndarray, q_words: np.ndarray, bits: int, topk: in
         if bits % 64:
             big &= np.uint64((1 << (bits % 64)) - 1)
         cases.append((f"synthetic {gallery:,}", big, q_words, 10))
-    out: dict[str, Any] = {"engine": _engine(), "bits": bits, "cases": []}
+    out: dict[str, Any] = {"engine": engine(), "bits": bits, "cases": []}
     for name, g, q, k in cases:
         k = min(k, len(g))
         rec: dict[str, Any] = {"gallery": name, "n": int(len(g)), "queries": int(len(q)), "k": k}

@@ -1,8 +1,8 @@
 """Thin adapter between brcd's evaluation code and fasthash's search engine.
 
-Everything in :mod:`brcd.retrieval` reaches packed-code search through the functions of this
-module, so switching engines (the compiled ``fasthash._C`` core, ``fasthash.search`` or the
-pure-torch reference) is a one-line change in :func:`_engine`.
+Everything in :mod:`brcd.retrieval` reaches packed-code search through the two functions of
+this module, :func:`block_distances` (``fasthash.hamming_distance``) and :func:`topk`
+(``fasthash.hamming_topk``); fasthash picks its compiled core or its reference fallback.
 
 Codes enter as ±1 floats / {0, 1} integers / bools ``[N, L]`` (numpy or torch) or, with ``bits``
 given, as packed uint64 words ``[N, ceil(L / 64)]`` in the layout of :mod:`fasthash.codes`.
@@ -10,14 +10,12 @@ given, as packed uint64 words ``[N, ceil(L / 64)]`` in the layout of :mod:`fasth
 
 from __future__ import annotations
 
-import importlib
-
 import numpy as np
 import torch
 
 from fasthash.codes import as_words_numpy, num_words, pack_codes
 
-__all__ = ["as_packed", "block_distances", "topk", "iter_query_blocks"]
+__all__ = ["as_packed", "block_distances", "topk", "stable_order", "iter_query_blocks", "engine"]
 
 
 def as_packed(codes, bits: int | None = None, name: str = "codes") -> tuple[np.ndarray, int]:
@@ -69,19 +67,14 @@ def as_packed(codes, bits: int | None = None, name: str = "codes") -> tuple[np.n
     return np.ascontiguousarray(words), int(codes.shape[1])
 
 
-def _engine() -> str:
-    """Which engine computes distances: 'search' (fasthash.search), 'C' (fasthash._C) or 'ref'.
-
-    The whole evaluation stack goes through this one switch.
-    """
-    try:
-        importlib.import_module("fasthash.search")
-        return "search"
-    except ImportError:
-        pass
+def engine() -> str:
+    """The search engine in use, for reports: ``"fasthash._C (<simd level>)"`` or the
+    pure-torch reference fallback (fasthash warns once when it is used)."""
     import fasthash
 
-    return "C" if getattr(fasthash, "HAS_C", False) else "ref"
+    if getattr(fasthash, "HAS_C", False):
+        return f"fasthash._C ({fasthash._C.simd_level()})"
+    return "fasthash reference (no _C)"
 
 
 def block_distances(query_words: np.ndarray, db_words: np.ndarray) -> np.ndarray:
@@ -103,24 +96,13 @@ def block_distances(query_words: np.ndarray, db_words: np.ndarray) -> np.ndarray
         >>> block_distances(np.array([[5]], np.uint64), np.array([[6], [5]], np.uint64)).tolist()
         [[2, 0]]
     """
-    q = np.ascontiguousarray(query_words)
     import fasthash
 
-    if getattr(fasthash, "HAS_C", False) and hasattr(fasthash._C, "hamming_distances"):
-        return fasthash._C.hamming_distances(q, db_words)
-    # Exact numpy path (XOR + popcount), tiled over the database to bound the [b, n, W] temporary.
-    out = np.empty((q.shape[0], db_words.shape[0]), dtype=np.int32)
-    step = max(1, (1 << 22) // max(1, q.shape[0] * q.shape[1]))
-    for lo in range(0, db_words.shape[0], step):
-        x = np.asarray(db_words[lo : lo + step])
-        out[:, lo : lo + step] = np.bitwise_count(q[:, None, :] ^ x[None, :, :]).sum(
-            axis=2, dtype=np.int32
-        )
-    return out
+    return fasthash.hamming_distance(np.ascontiguousarray(query_words), db_words).numpy()
 
 
 def topk(query_words: np.ndarray, db_words: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k by Hamming distance, ties broken by database index.
+    """Exact top-k by Hamming distance, ties broken by database index (fasthash.hamming_topk).
 
     Args:
         query_words: packed query words. db_words: packed database words. k: 1 <= k <= N.
@@ -136,22 +118,10 @@ def topk(query_words: np.ndarray, db_words: np.ndarray, k: int) -> tuple[np.ndar
         >>> d.tolist(), i.tolist()
         ([[1, 1]], [[1, 2]])
     """
-    n = db_words.shape[0]
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n:
-        raise ValueError(f"k must be an integer with 1 <= k <= N = {n}, got {k!r}")
-    if _engine() == "search":
-        import fasthash.search as fs
+    import fasthash
 
-        d, i = fs.hamming_topk(np.ascontiguousarray(query_words), db_words, int(k))
-        return np.asarray(d, dtype=np.int32), np.asarray(i, dtype=np.int64)
-    # Fallback before fasthash.search exists: bounded blocks of full distances + stable sort.
-    ds, ids = [], []
-    for lo, hi in iter_query_blocks(query_words.shape[0], n):
-        dist = block_distances(query_words[lo:hi], db_words)
-        order = stable_order(dist)[:, :k]
-        ds.append(np.take_along_axis(dist, order, axis=1).astype(np.int32))
-        ids.append(order.astype(np.int64))
-    return np.concatenate(ds), np.concatenate(ids)
+    d, i = fasthash.hamming_topk(np.ascontiguousarray(query_words), db_words, k)
+    return np.asarray(d, dtype=np.int32), np.asarray(i, dtype=np.int64)
 
 
 def stable_order(dist: np.ndarray) -> np.ndarray:
