@@ -31,6 +31,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--out", dest="out_dir", help="output folder (checkpoints, logs, cache)")
     g.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     g.add_argument("--seed", type=int)
+    g.add_argument("--threads", type=int, help="torch CPU threads (0 = default; 1 is fastest "
+                   "for tiny models on a busy machine)")
     g.add_argument("--dataset", help="fashion-mnist | digits | cifar10 | imagefolder")
     g.add_argument("--data-root", help="dataset folder")
     g.add_argument("--quiet", action="store_true", help="no progress bars / logs")
@@ -107,7 +109,8 @@ def _overrides(args: argparse.Namespace, stage: str | None) -> dict:
         k, v = item.split("=", 1)
         o[k.strip()] = yaml.safe_load(v)
     for flag, key in (("bits", "bits"), ("out_dir", "out_dir"), ("device", "device"),
-                      ("seed", "seed"), ("dataset", "data.name"), ("data_root", "data.root")):
+                      ("seed", "seed"), ("threads", "threads"), ("dataset", "data.name"),
+                      ("data_root", "data.root")):
         if getattr(args, flag, None) is not None:
             o[key] = getattr(args, flag)
     if stage:

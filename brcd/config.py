@@ -84,6 +84,7 @@ class TrainConfig:
     eval_every: int = 1  # epochs; 0 disables validation
     cache_views: int = 0  # >0: precompute frozen-backbone features of this many views per image
     steps_per_epoch: int | None = None  # None = one pass over the training subset
+    keep_epochs: bool = False  # also keep <tag>_epoch<N>.pt for every epoch (else only last/best)
 
 
 @dataclass
@@ -124,6 +125,7 @@ class Config:
     seed: int = 0
     bits: int = 16
     device: str = "auto"
+    threads: int = 0  # torch intra-op CPU threads; 0 = torch's default
     out_dir: str = "runs/brcd"
     temperature: float = 0.3
     kl_weight: float = 0.001

@@ -62,6 +62,14 @@ __all__ = [
 ]
 
 
+def _setup(cfg: Config) -> torch.device:
+    """Validate, apply ``cfg.threads`` and return the device."""
+    cfg.validate()
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    return resolve_device(cfg.device)
+
+
 def resolve_device(name: str) -> torch.device:
     """``"auto"`` → CUDA when available, else CPU."""
     if name == "auto":
@@ -245,10 +253,9 @@ def train_teacher(cfg: Config, resume: str | Path | None = None, progress: bool 
         path of the checkpoint to use next: ``teacher_best_teacher.pt`` when validation ran,
         else ``teacher_last.pt``.
     """
-    cfg.validate()
+    device = _setup(cfg)
     log = _log(progress)
     seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
     st = cfg.teacher
     splits = D.make_splits(cfg.data, cfg.seed)
     log(splits.summary())
@@ -309,7 +316,7 @@ def build_masks(cfg: Config, teacher: str | Path | None = None, progress: bool =
     Returns:
         path of ``<out_dir>/teacher_masks.pt`` (the teacher checkpoint + ``"masks"``).
     """
-    cfg.validate()
+    device = _setup(cfg)
     log = _log(progress)
     out = Path(cfg.out_dir)
     tpath = Path(teacher) if teacher else _default_teacher(out)
@@ -317,7 +324,6 @@ def build_masks(cfg: Config, teacher: str | Path | None = None, progress: bool =
     if ckpt["kind"] != "teacher":
         raise ValueError(f"{tpath}: expected a teacher checkpoint, got {ckpt['kind']}")
     model, spec = load_model(ckpt, cfg.bits)
-    device = resolve_device(cfg.device)
     model.to(device)
     splits = D.make_splits(cfg.data, cfg.seed)
     codes = _teacher_train_codes(cfg, model, spec, splits, device, log)
@@ -365,10 +371,9 @@ def distill(cfg: Config, teacher: str | Path | None = None, resume: str | Path |
     Returns:
         path of ``student_best_ashp.pt`` (or ``_sshp`` / ``_last`` when that is all there is).
     """
-    cfg.validate()
+    device = _setup(cfg)
     log = _log(progress)
     seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
     dc, st = cfg.distill, cfg.student
     out = Path(cfg.out_dir)
     splits = D.make_splits(cfg.data, cfg.seed)
@@ -506,9 +511,8 @@ def evaluate(cfg: Config, student: str | Path | None = None, teacher: str | Path
         ``{"teacher": T/T, "sshp": S/S, "ashp": S query vs T database}`` for the models given
         (the student's teacher is taken from its checkpoint when ``teacher`` is None).
     """
-    cfg.validate()
+    device = _setup(cfg)
     log = _log(progress)
-    device = resolve_device(cfg.device)
     splits = D.make_splits(cfg.data, cfg.seed)
     vs = cfg.data.view_size
     res: dict[str, float] = {}

@@ -169,6 +169,8 @@ class Trainer:
                         self.best[k] = v
                         save_checkpoint(self._state(epoch), self.path(f"best_{k}"))
             save_checkpoint(self._state(epoch), self.path("last"))
+            if self.cfg.keep_epochs:
+                save_checkpoint(self._state(epoch), self.path(f"epoch{epoch}"))
             rec["step_losses"] = losses
             with open(self.log_path, "a") as fh:
                 fh.write(json.dumps(rec) + "\n")
