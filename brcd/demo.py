@@ -625,8 +625,6 @@ def _choose_dataset(args, log: _Log) -> tuple[str, str | None]:
 def run(args: argparse.Namespace) -> dict:
     """Run the whole demo; returns the metrics dict (also written to ``<out>/metrics.json``)."""
     args = _defaults(args)
-    if not sys.stderr.isatty():  # redirected output: a progress line every 10 s, not 10 per s
-        os.environ.setdefault("TQDM_MININTERVAL", "10")
     log = _Log()
     out = Path(args.out)
     work = out / "work"
