@@ -16,22 +16,11 @@
 namespace fasthash {
 namespace {
 
-// Slow path, out of line so the hot loop keeps everything in registers: push every query's
-// passing codes of block b. Branch-free per query (a compress and a store even when nothing
-// passes): hit patterns are random, so per-query branches would mispredict.
+// Out of line (rare): a candidate buffer is full; compact it (top-k) or grow it (radius).
 template <int QB>
-__attribute__((noinline)) void push_hits(const KernelArgs& a, int64_t b, const __m512i* acc,
-                                         __mmask8 valid) {
-  const __m512i idx = _mm512_add_epi64(_mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7),
-                                       _mm512_set1_epi64(a.base + b * 8));
-  for (int i = 0; i < QB; ++i) {
-    Selector* s = a.sel[i];
-    const __mmask8 h = _mm512_cmple_epi64_mask(acc[i], _mm512_set1_epi64(s->lim)) & valid;
-    const __m512i key = _mm512_or_si512(_mm512_slli_epi64(acc[i], kIndexBits), idx);
-    _mm512_storeu_si512(s->buf + s->n, _mm512_maskz_compress_epi64(h, key));
-    s->n += __builtin_popcount(h);
-    if (__builtin_expect(s->n >= s->cap, 0)) s->overflow();
-  }
+__attribute__((noinline)) void overflow_all(const KernelArgs& a) {
+  for (int i = 0; i < QB; ++i)
+    if (a.sel[i]->n >= a.sel[i]->cap) a.sel[i]->overflow();
 }
 
 template <int QB, int WT, bool MASK>
@@ -77,8 +66,26 @@ void avx512_block(const KernelArgs& a) {
     if (__builtin_expect(any != 0, 0)) {
       const __mmask8 valid =
           b + 1 == nblk ? static_cast<__mmask8>((1u << tail) - 1u) : static_cast<__mmask8>(0xFF);
-      push_hits<QB>(a, b, acc, valid);
-      for (int i = 0; i < QB; ++i) lim[i] = _mm512_set1_epi64(a.sel[i]->lim);
+      // Branch-free push for every query of the block (hit patterns are random, per-query
+      // branches would mispredict): compress (distance << 40 | index) keys of the passing lanes.
+      const __m512i idx = _mm512_add_epi64(_mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7),
+                                           _mm512_set1_epi64(a.base + b * 8));
+      bool full = false;
+#pragma GCC unroll 8
+      for (int i = 0; i < QB; ++i) {
+        const __mmask8 h = _mm512_cmple_epi64_mask(acc[i], lim[i]) & valid;
+        Selector* s = a.sel[i];
+        const int64_t n = s->n;
+        const __m512i key = _mm512_or_si512(_mm512_slli_epi64(acc[i], kIndexBits), idx);
+        _mm512_storeu_si512(s->buf + n, _mm512_maskz_compress_epi64(h, key));
+        s->n = n + __builtin_popcount(h);
+        full |= s->n >= s->cap;
+      }
+      if (__builtin_expect(full, 0)) {
+        overflow_all<QB>(a);
+#pragma GCC unroll 8
+        for (int i = 0; i < QB; ++i) lim[i] = _mm512_set1_epi64(a.sel[i]->lim);
+      }
     }
   }
 }
