@@ -107,6 +107,9 @@ def ranked_relevance(dist: np.ndarray, rel: np.ndarray, order: np.ndarray | None
 def average_precision(rel_sorted: np.ndarray, k: int | None = None) -> np.ndarray:
     """AP@K of each query from its ranked relevance (K = None or K > N means all).
 
+    Works on the positions of the relevant items only (``O(relevant)`` arithmetic after one
+    ``nonzero`` pass), not on a cumulative sum over the whole ranking.
+
     Args:
         rel_sorted: ``[b, N]`` bool relevance in rank order. k: cut-off K >= 1, or None.
 
@@ -117,13 +120,13 @@ def average_precision(rel_sorted: np.ndarray, k: int | None = None) -> np.ndarra
         >>> average_precision(np.array([[True, False, True]]), 3).round(4).tolist()
         [0.8333]
     """
-    n = rel_sorted.shape[1]
+    b, n = rel_sorted.shape
     kk = n if k is None else min(_check_k(k), n)
-    r = rel_sorted[:, :kk]
-    hits = np.cumsum(r, axis=1, dtype=np.int64)
-    prec = hits / np.arange(1, kk + 1, dtype=np.float64)
-    num = (prec * r).sum(axis=1)
-    nrel = hits[:, -1] if kk > 0 else np.zeros(r.shape[0], np.int64)
+    rows, cols = np.nonzero(rel_sorted[:, :kk])  # row-major: columns ascend within a row
+    nrel = np.bincount(rows, minlength=b)
+    starts = np.cumsum(nrel) - nrel
+    hits = np.arange(1, len(rows) + 1) - starts[rows]  # rank among the row's relevant items
+    num = np.bincount(rows, weights=hits / (cols + 1.0), minlength=b)
     return np.where(nrel > 0, num / np.maximum(nrel, 1), 0.0)
 
 
@@ -139,8 +142,7 @@ def precision_at_k(rel_sorted: np.ndarray, ks) -> np.ndarray:
     """
     n = rel_sorted.shape[1]
     cols = [min(_check_k(k), n) for k in ks]
-    hits = np.cumsum(rel_sorted[:, : max(cols)], axis=1, dtype=np.int64)
-    return np.stack([hits[:, c - 1] / c for c in cols], axis=1)
+    return np.stack([np.count_nonzero(rel_sorted[:, :c], axis=1) / c for c in cols], axis=1)
 
 
 def radius_histograms(
