@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <condition_variable>
 #include <cstring>
@@ -133,8 +134,18 @@ int hardware_threads() {
 
 namespace {
 
-// Persistent workers; run(n, f) calls f(0..n-1) with the caller as worker 0. Workers spin
-// briefly before sleeping so that back-to-back small searches do not pay a futex wake-up each.
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  _mm_pause();
+#endif
+}
+
+// Persistent workers; run(n, f) calls f on the caller and on up to n - 1 workers. f must claim
+// its work from a shared counter (every task is done even if no worker ever shows up): on a
+// busy machine a sleeping worker may get the CPU only milliseconds later, so the caller never
+// waits for workers that have not started -- it closes the job when its own f returns and
+// waits only for workers already inside f. Workers spin briefly (~50 us) before sleeping, so
+// back-to-back small searches do not pay a futex wake-up each.
 class Pool {
  public:
   static Pool& get() {
@@ -153,16 +164,17 @@ class Pool {
       std::lock_guard<std::mutex> lk(mu_);
       job_ = &f;
       active_ = n - 1;
-      pending_.store(n - 1, std::memory_order_relaxed);
-      gen_.fetch_add(1, std::memory_order_release);
+      // gen_ first: a worker that sees open_ == true from this run also sees the new gen_,
+      // so a late worker still holding the previous job pointer never runs it
+      gen_.fetch_add(1, std::memory_order_seq_cst);
+      open_.store(true, std::memory_order_seq_cst);
     }
     cv_.notify_all();
     f(0);
-    while (pending_.load(std::memory_order_acquire) != 0) {
-#if defined(__x86_64__) || defined(__i386__)
-      _mm_pause();
-#endif
-    }
+    // Dekker-style hand-off (both sides seq_cst): a worker either registered in running_
+    // before this store (and is waited for) or sees the job closed and never touches f.
+    open_.store(false, std::memory_order_seq_cst);
+    while (running_.load(std::memory_order_seq_cst) != 0) cpu_relax();
   }
 
  private:
@@ -178,15 +190,15 @@ class Pool {
 
   void loop(int id, uint64_t seen) {
     for (;;) {
-      uint64_t g;
+      auto t0 = std::chrono::steady_clock::now();
       int spins = 0;
-      while ((g = gen_.load(std::memory_order_acquire)) == seen && spins < 20000) {
-#if defined(__x86_64__) || defined(__i386__)
-        _mm_pause();
-#endif
-        ++spins;
+      while (gen_.load(std::memory_order_acquire) == seen) {
+        cpu_relax();
+        if (++spins % 64 == 0 &&
+            std::chrono::steady_clock::now() - t0 > std::chrono::microseconds(50))
+          break;
       }
-      if (g == seen) {
+      if (gen_.load(std::memory_order_acquire) == seen) {
         std::unique_lock<std::mutex> lk(mu_);
         cv_.wait(lk, [&] { return gen_.load(std::memory_order_acquire) != seen; });
       }
@@ -199,10 +211,11 @@ class Pool {
         job = job_;
         active = active_;
       }
-      if (id <= active) {
+      if (id > active) continue;
+      running_.fetch_add(1, std::memory_order_seq_cst);
+      if (open_.load(std::memory_order_seq_cst) && gen_.load(std::memory_order_seq_cst) == seen)
         (*job)(id);
-        pending_.fetch_sub(1, std::memory_order_acq_rel);
-      }
+      running_.fetch_sub(1, std::memory_order_seq_cst);
     }
   }
 
@@ -213,7 +226,8 @@ class Pool {
   const std::function<void(int)>* job_ = nullptr;
   int active_ = 0;
   std::atomic<uint64_t> gen_{0};
-  std::atomic<int> pending_{0};
+  std::atomic<bool> open_{false};
+  std::atomic<int> running_{0};
 };
 
 KernelFn pick(Simd s, int64_t W, bool masked, int nq) {
