@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-offset-positive", action="store_true", help="alpha_k = alpha always")
     p.add_argument("--no-false-negative", action="store_true", help="keep same-cluster negatives")
     p.add_argument("--kd-weight", type=float, help="weight of a KD baseline's term")
+    p.add_argument("--student-seed", type=int,
+                   help="distill.seed: varies only the student (init, batches, views)")
 
     p = sub.add_parser("evaluate", help="test mAP: teacher/teacher, SSHP, ASHP")
     _common(p)
@@ -129,7 +131,8 @@ def _overrides(args: argparse.Namespace, stage: str | None) -> dict:
     if getattr(args, "mask_convention", None):
         o["masks.convention"] = args.mask_convention
     for flag, key in (("method", "distill.method"), ("alpha", "distill.alpha"),
-                      ("kd_weight", "distill.kd_weight"), ("topk", "topk")):
+                      ("kd_weight", "distill.kd_weight"), ("topk", "topk"),
+                      ("student_seed", "distill.seed")):
         if getattr(args, flag, None) is not None:
             o[key] = getattr(args, flag)
     if getattr(args, "no_mask", False):

@@ -84,6 +84,7 @@ class TrainConfig:
     eval_every: int = 1  # epochs; 0 disables validation
     cache_views: int = 0  # >0: precompute frozen-backbone features of this many views per image
     steps_per_epoch: int | None = None  # None = one pass over the training subset
+    channels_last: bool = False  # channels-last inputs/weights (faster CPU/GPU convolutions)
     keep_epochs: bool = False  # also keep <tag>_epoch<N>.pt for every epoch (else only last/best)
 
 
@@ -116,6 +117,7 @@ class DistillConfig:
     offset_positive: bool = True
     false_negative: bool = True
     kd_weight: float | None = None  # None = the method's default (see brcd.losses)
+    seed: int | None = None  # student-only seed (init, batch order, views); None = cfg.seed
 
 
 @dataclass

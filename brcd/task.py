@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from . import data as D
 from .config import Config, ModelConfig, config_to_dict
@@ -188,15 +189,18 @@ def _view_cache(cfg: Config, model: HashModel, mc: ModelConfig, n_views: int,
     flat = views.reshape(n * v, *views.shape[2:])
     model.eval()
 
-    def feats_of(x: torch.Tensor) -> torch.Tensor:
+    def feats_of(x: torch.Tensor, bar) -> torch.Tensor:
         out = []
         for i in range(0, len(x), 256):
             xb = D.prepare_batch(x[i:i + 256], mc.image_size, device)
             out.append(model.features(xb).to(torch.float16).cpu())
+            bar.update(len(xb))
         return torch.cat(out)
 
-    feats = feats_of(flat).reshape(n, v, -1)
-    det_feats = feats_of(det)
+    with tqdm(total=len(flat) + len(det), desc="backbone features", unit="img",
+              disable=log is not print, leave=False, dynamic_ncols=True) as bar:
+        feats = feats_of(flat, bar).reshape(n, v, -1)
+        det_feats = feats_of(det, bar)
     log(f"view cache: {n} images x {v} views made in {t1 - t0:.1f}s, features "
         f"{tuple(feats.shape)} extracted in {time.perf_counter() - t1:.1f}s")
     cache = ViewCache(views, det, feats, det_feats)
@@ -223,12 +227,14 @@ def _index_batches(n: int, batch_size: int, epoch: int, seed: int, n_views: int,
 
 
 def _fresh_batches(base: torch.Tensor, cfg: Config, batch_size: int, epoch: int,
-                   steps: int | None) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+                   steps: int | None, seed: int | None = None
+                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """On-the-fly two views per image, keyed by (seed, epoch, index, view 0/1)."""
-    for idx, _, _ in _index_batches(len(base), batch_size, epoch, cfg.seed, 2, steps):
+    seed = cfg.seed if seed is None else seed
+    for idx, _, _ in _index_batches(len(base), batch_size, epoch, seed, 2, steps):
         keys = idx.numpy()
-        yield (D.augment(base[idx], D.view_keys(cfg.seed, epoch, keys, 0), cfg.data.augment),
-               D.augment(base[idx], D.view_keys(cfg.seed, epoch, keys, 1), cfg.data.augment),
+        yield (D.augment(base[idx], D.view_keys(seed, epoch, keys, 0), cfg.data.augment),
+               D.augment(base[idx], D.view_keys(seed, epoch, keys, 1), cfg.data.augment),
                idx)
 
 
@@ -263,6 +269,9 @@ def train_teacher(cfg: Config, resume: str | Path | None = None, progress: bool 
     n, bs, nv = len(splits.train), st.train.batch_size, st.train.cache_views
     _check_bs(n, bs, "teacher")
     size = st.model.image_size
+    cl = st.train.channels_last
+    if cl:
+        model.to(memory_format=torch.channels_last)
     fwd = torch.compile(model) if st.train.compile else model
 
     if nv:
@@ -283,7 +292,7 @@ def train_teacher(cfg: Config, resume: str | Path | None = None, progress: bool 
             return _fresh_batches(base, cfg, bs, epoch, st.train.steps_per_epoch)
 
         def step(batch):
-            x1, x2 = (D.prepare_batch(b, size, device) for b in batch[:2])
+            x1, x2 = (D.prepare_batch(b, size, device, cl) for b in batch[:2])
             return cibhash_loss(fwd(x1), fwd(x2), cfg.temperature, cfg.kl_weight)
 
     def validate():
@@ -399,7 +408,14 @@ def distill(cfg: Config, teacher: str | Path | None = None, resume: str | Path |
     if dc.method == "brcd" and masks is None:
         raise ValueError(f"--method brcd needs clusters and masks in {tpath}; run build-masks")
 
+    # The student seed drives only the student (init, batch order, view pairs / fresh views);
+    # the split, view bank and teacher stay those of cfg.seed.
+    sseed = cfg.seed if dc.seed is None else int(dc.seed)
+    seed_everything(sseed)
     student = _build(st.model, cfg.bits).to(device)
+    cl = st.train.channels_last
+    if cl:
+        student.to(memory_format=torch.channels_last)
     fwd = torch.compile(student) if st.train.compile else student
     n, bs, size = len(splits.train), st.train.batch_size, st.model.image_size
     _check_bs(n, bs, "student")
@@ -418,14 +434,15 @@ def distill(cfg: Config, teacher: str | Path | None = None, resume: str | Path |
         tcodes = tcodes.reshape(n, nv, -1)
 
         def batches(epoch):
-            for idx, v1, v2 in _index_batches(n, bs, epoch, cfg.seed, nv, st.train.steps_per_epoch):
+            for idx, v1, v2 in _index_batches(n, bs, epoch, sseed, nv, st.train.steps_per_epoch):
                 yield (cache.views[idx, v1], cache.views[idx, v2], idx, tcodes[idx, v1],
                        tcodes[idx, v2])
     else:
         base = D.base_images(splits.train, cfg.data.view_size, cfg.data.num_workers)
 
         def batches(epoch):
-            for x1, x2, idx in _fresh_batches(base, cfg, bs, epoch, st.train.steps_per_epoch):
+            for x1, x2, idx in _fresh_batches(base, cfg, bs, epoch, st.train.steps_per_epoch,
+                                              sseed):
                 t1 = t2 = None
                 if tmodel is not None and dc.method != "none":
                     with torch.no_grad():
@@ -435,8 +452,8 @@ def distill(cfg: Config, teacher: str | Path | None = None, resume: str | Path |
 
     def step(batch):
         x1, x2, idx, t1, t2 = batch
-        s1 = fwd(D.prepare_batch(x1, size, device))
-        s2 = fwd(D.prepare_batch(x2, size, device))
+        s1 = fwd(D.prepare_batch(x1, size, device, cl))
+        s2 = fwd(D.prepare_batch(x2, size, device, cl))
         own, parts = cibhash_loss(s1, s2, cfg.temperature, cfg.kl_weight)
         if dc.method == "none":
             return own, parts
