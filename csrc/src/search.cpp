@@ -308,14 +308,19 @@ void run_tasks(const SearchInput& in, const Plan& p, int64_t guess_k, Init init,
           const uint64_t* xp = in.x + c0 * in.W;
           if (simd_layout && (in.W > 1 || n % 8 != 0)) {
             // blocked layout [block][word][8], zero padded to a whole block
-            const int64_t nb = (n + 7) / 8;
+            const int64_t W = in.W, full = n / 8;
             uint64_t* dst = blocked.data();
-            for (int64_t b = 0; b < nb; ++b) {
-              for (int64_t l = 0; l < 8; ++l) {
-                const int64_t j = b * 8 + l;
-                for (int64_t w = 0; w < in.W; ++w)
-                  dst[(b * in.W + w) * 8 + l] = j < n ? xp[j * in.W + w] : 0;
-              }
+            for (int64_t b = 0; b < full; ++b) {
+              const uint64_t* src = xp + b * 8 * W;
+              uint64_t* d = dst + b * 8 * W;
+              for (int64_t w = 0; w < W; ++w)
+                for (int64_t l = 0; l < 8; ++l) d[w * 8 + l] = src[l * W + w];
+            }
+            if (full * 8 < n) {
+              uint64_t* d = dst + full * 8 * W;
+              std::fill(d, d + 8 * W, uint64_t(0));
+              for (int64_t l = 0; full * 8 + l < n; ++l)
+                for (int64_t w = 0; w < W; ++w) d[w * 8 + l] = xp[(full * 8 + l) * W + w];
             }
             xp = dst;
           }
