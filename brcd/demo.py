@@ -149,17 +149,31 @@ class _Log:
         self(f"   {name}: {self.phases[name]:.1f}s")
 
 
-def _auto_threads(requested: int) -> int:
-    """Threads for the main process: all cores minus the current load (OpenMP barriers stall
-    badly when threads outnumber the free cores, measured 4x slower on a busy 2-core box)."""
+def _free_cores(interval: float = 0.5) -> float:
+    """Idle cores right now, from two /proc/stat samples (the load average lags a minute
+    behind, e.g. right after ``make`` built the extension)."""
+    def sample():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return v[3] + v[4], sum(v)  # idle + iowait, total
+
     cores = os.cpu_count() or 1
+    try:
+        i0, t0 = sample()
+        time.sleep(interval)
+        i1, t1 = sample()
+    except (OSError, ValueError, IndexError):
+        return float(cores)
+    return cores * (i1 - i0) / max(1, t1 - t0)
+
+
+def _auto_threads(requested: int) -> int:
+    """Threads for the main process: the idle cores (OpenMP barriers stall badly when threads
+    outnumber the free cores: measured 4x slower with 2 threads on a busy 2-core box)."""
     if requested > 0:
         return requested
-    try:
-        load = os.getloadavg()[0]
-    except OSError:
-        load = 0.0
-    return max(1, min(cores, int(round(cores - load))))
+    cores = os.cpu_count() or 1
+    return max(1, min(cores, int(round(_free_cores()))))
 
 
 def _cpu_has_bf16() -> bool:
