@@ -186,8 +186,9 @@ def _cpu_has_bf16() -> bool:
 
 @contextmanager
 def _channels_last_inputs(enabled: bool = True):
-    """Demo glue: channels-last model inputs inside :mod:`brcd.task` (1.5-2x faster CPU
-    convolutions), until the trainer takes it as an option. Process-local, undone on exit."""
+    """Demo glue: channels-last inputs for the view-cache feature extraction in
+    :mod:`brcd.task` (1.5-2x faster CPU convolutions; ``train.channels_last`` covers training
+    but not this extraction). Process-local, undone on exit."""
     from . import data as D
 
     orig = D.prepare_batch
@@ -216,37 +217,26 @@ def _bf16_features(model) -> None:
 
 
 @contextmanager
-def _student_glue(seed: int, bf16: bool):
-    """Demo glue around :func:`brcd.task.distill`, until the trainer takes these as options:
-
-    * a student seed that varies ONLY the student (initialisation, batch order, view pairs) and
-      not the data split / view bank / teacher, which ``cfg.seed`` also drives (seed 0 is
-      exactly :func:`brcd.task.distill`);
-    * the student's backbone under bf16 autocast on CPU (:func:`_bf16_features`).
-    Used only inside the demo's worker processes; undone on exit.
-    """
+def _bf16_student(enabled: bool):
+    """Demo glue around :func:`brcd.task.distill`: the student's backbone under CPU bf16
+    autocast (:func:`_bf16_features`, ~2x faster steps with AMX), until the trainer's AMP covers
+    CPUs. Wraps ``task._build``, through which distill() builds only the student; used only in
+    the demo's worker processes and undone on exit."""
     from . import task
 
-    orig_seed, orig_batches, orig_build = task.seed_everything, task._index_batches, task._build
+    orig = task._build
 
-    def seed_everything(s: int) -> None:
-        orig_seed(s + 1000 * seed)
-
-    def index_batches(n, bs, epoch, s, nv, steps):
-        return orig_batches(n, bs, epoch, s + 1000 * seed, nv, steps)
-
-    def build(mc, bits):  # in distill() only the student is built through _build
-        model = orig_build(mc, bits)
-        if bf16:
+    def build(mc, bits):
+        model = orig(mc, bits)
+        if enabled:
             _bf16_features(model)
         return model
 
-    task.seed_everything, task._index_batches, task._build = seed_everything, index_batches, build
+    task._build = build
     try:
         yield
     finally:
-        task.seed_everything, task._index_batches, task._build = (orig_seed, orig_batches,
-                                                                  orig_build)
+        task._build = orig
 
 
 def _prebuild_view_cache(cfg, splits, bf16: bool, log) -> None:
@@ -290,6 +280,7 @@ def _base_config(args, dataset: str):
         "teacher.train.epochs": args.teacher_epochs, "teacher.train.cache_views": args.views,
         "teacher.train.eval_every": max(1, args.teacher_epochs // 3),
         "student.train.epochs": args.student_epochs, "student.train.cache_views": args.views,
+        "teacher.train.channels_last": True, "student.train.channels_last": True,
         # two validations per run (middle and end): selection on the validation split
         "student.train.eval_every": max(1, (args.student_epochs + 1) // 2),
         "data.num_workers": 0,
@@ -345,7 +336,7 @@ def _student_job(job: dict) -> dict:
     for old in out.glob("student_*"):
         old.unlink()  # a rerun starts afresh (the trainer appends to its metrics log)
     t0 = time.perf_counter()
-    with _student_glue(job["seed"], job["bf16"]), _channels_last_inputs(job["channels_last"]):
+    with _bf16_student(job["bf16"]):
         task.distill(cfg, teacher=job["teacher"], progress=job["progress"])
     train_s = time.perf_counter() - t0
     ev = torch.load(job["eval_views"], weights_only=True)
@@ -678,9 +669,8 @@ def run(args: argparse.Namespace) -> dict:
                 log("view cache: augmented views + frozen Lite2 features (once, then reused)")
                 _prebuild_view_cache(cfg_b, splits, bf16, log)
             log(f"teacher {b} bits")
-            with _channels_last_inputs():
-                tpath = task.train_teacher(cfg_b, progress=True)
-                teachers[b] = task.build_masks(cfg_b, teacher=tpath, progress=True)
+            tpath = task.train_teacher(cfg_b, progress=True)
+            teachers[b] = task.build_masks(cfg_b, teacher=tpath, progress=True)
 
     # -- 2. deterministic views of queries / database; teacher codes -------------------------
     with log.phase("teacher codes of queries and database"):
@@ -708,13 +698,13 @@ def run(args: argparse.Namespace) -> dict:
                 sdir = work / f"b{b}" / f"{meth}-s{seed}"
                 _link_cache(sdir, cache_dir)
                 cfg_s = _clone(base, bits=b, out_dir=str(sdir),
-                               distill={**base.distill.__dict__, "method": meth})
+                               distill={**base.distill.__dict__, "method": meth, "seed": seed})
                 from .config import config_to_dict
 
                 jobs.append({"bits": b, "method": meth, "seed": seed,
                              "config": config_to_dict(cfg_s), "teacher": str(teachers[b]),
                              "eval_views": str(ev_path), "threads": 1, "bf16": bf16,
-                             "channels_last": True, "device": args.device})
+                             "device": args.device})
     with log.phase(f"students ({len(jobs)} runs, {args.workers} worker(s))"):
         results = _run_students(jobs, args.workers, log)
 
