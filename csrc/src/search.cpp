@@ -284,8 +284,12 @@ template <class Init, class Done>
 void run_tasks(const SearchInput& in, const Plan& p, int64_t guess_k, Init init, Done done) {
   const bool simd_layout = in.simd != Simd::Scalar;
   const bool masked = in.mask != nullptr;
-  KernelFn k8 = pick(in.simd, in.W, masked, 8), k4 = pick(in.simd, in.W, masked, 4),
-           k2 = pick(in.simd, in.W, masked, 2), k1 = pick(in.simd, in.W, masked, 1);
+  // [0]: the level's kernels; [1]: scalar kernels on the row-major gallery, used by tasks of
+  // fewer than 4 queries on multi-word codes, where transposing each chunk into the blocked
+  // layout would cost more than the SIMD kernel saves (the copy is shared by a task's queries).
+  KernelFn kern[2][4];
+  for (int f = 0; f < 2; ++f)
+    for (int j = 0; j < 4; ++j) kern[f][j] = pick(f ? Simd::Scalar : in.simd, in.W, masked, 1 << j);
   const int64_t ntasks = p.ngroups * p.splits;
   const int64_t maxd = 64 * in.W;
   std::atomic<int64_t> next{0};
@@ -303,10 +307,12 @@ void run_tasks(const SearchInput& in, const Plan& p, int64_t guess_k, Init init,
       std::vector<int64_t> sample_d;
       // Passes the queries [i0, i0 + cnt) of the current group over gallery codes [lo, hi).
       auto scan = [&](int64_t i0, int64_t cnt, int64_t lo, int64_t hi) {
+        const bool blocked_kernels = simd_layout && !(in.W > 1 && cnt < 4);
+        KernelFn* kf = kern[blocked_kernels ? 0 : 1];
         for (int64_t c0 = lo; c0 < hi; c0 += p.chunk) {
           const int64_t n = std::min(p.chunk, hi - c0);
           const uint64_t* xp = in.x + c0 * in.W;
-          if (simd_layout && (in.W > 1 || n % 8 != 0)) {
+          if (blocked_kernels && (in.W > 1 || n % 8 != 0)) {
             // blocked layout [block][word][8], zero padded to a whole block
             const int64_t W = in.W, full = n / 8;
             uint64_t* dst = blocked.data();
@@ -328,7 +334,7 @@ void run_tasks(const SearchInput& in, const Plan& p, int64_t guess_k, Init init,
           while (i < i0 + cnt) {
             const int64_t left = i0 + cnt - i;
             const int nb = left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
-            KernelFn f = nb == 8 ? k8 : nb == 4 ? k4 : nb == 2 ? k2 : k1;
+            KernelFn f = kf[nb == 8 ? 3 : nb == 4 ? 2 : nb == 2 ? 1 : 0];
             KernelArgs a{nb, in.W, qrows.data() + i, masked ? mrows.data() + i : nullptr,
                          sp.data() + i, xp, n, c0};
             f(a);
