@@ -39,13 +39,8 @@ def check_labels(labels, n: int, name: str) -> np.ndarray:
 
     Returns a numpy array (int64 for single-label, float32 multi-hot for multi-label).
     """
-    try:
-        import torch
-
-        if isinstance(labels, torch.Tensor):
-            labels = labels.detach().cpu().numpy()
-    except ImportError:  # pragma: no cover - torch is a dependency
-        pass
+    if hasattr(labels, "detach"):  # a torch tensor
+        labels = labels.detach().cpu().numpy()
     if not isinstance(labels, np.ndarray):
         labels = np.asarray(labels)
     if labels.ndim not in (1, 2):
