@@ -186,6 +186,9 @@ def test_helpers_sshp_ashp():
     a = evaluate_ashp(s, t, lab_q, lab_d, topk=10)
     assert same(a, evaluate(s, t, lab_q, lab_d, topk=10))
     assert evaluate_sshp(s, s, lab_q, lab_q, topk=5).map_at_k > 0
+    as_torch = evaluate(torch.from_numpy(s), torch.from_numpy(t), torch.from_numpy(lab_q),
+                        torch.from_numpy(lab_d), topk=10)
+    assert same(as_torch, a)
 
 
 # ---------------------------------------------------------------- alignment analysis
