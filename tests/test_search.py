@@ -104,20 +104,21 @@ def test_threads_do_not_change_results(simd, nq):
     np.testing.assert_array_equal(ref[1], ri)
 
 
-def test_large_k_sampled_limit_and_its_fallback(simd):
-    """Large k on a large gallery starts from a sampled limit; a misleading sample must not
-    change the answer (the query is rescanned)."""
+@pytest.mark.parametrize("n, nq, threads", [(140_003, 16, 1), (1_100_003, 3, 2)])
+def test_large_k_sampled_limit_and_its_fallback(simd, n, nq, threads):
+    """Large k on a large gallery (or gallery range) starts from a sampled limit; a misleading
+    sample must not change the answer (the query is rescanned)."""
     rng = np.random.default_rng(6)
-    n, k = 140_003, 300
+    k = 300
     x = rng.integers(0, 2**64, (n, 1), dtype=np.uint64)
-    q = rng.integers(0, 2**64, (16, 1), dtype=np.uint64)
+    q = rng.integers(0, 2**64, (nq, 1), dtype=np.uint64)
     # the sampled prefix is unusually close to query 0 (distance 2), the rest is not
     flips = rng.integers(0, 64, (60, 2))
     x[:60, 0] = q[0, 0] ^ (np.uint64(1) << flips[:, 0].astype(np.uint64)) ^ (
         np.uint64(1) << flips[:, 1].astype(np.uint64)
     )
-    for m in (None, rng.integers(0, 2**64, (16, 1), dtype=np.uint64)):
-        d, i = fasthash.hamming_topk(q, x, k, m, num_threads=1, simd=simd)
+    for m in (None, rng.integers(0, 2**64, (nq, 1), dtype=np.uint64)):
+        d, i = fasthash.hamming_topk(q, x, k, m, num_threads=threads, simd=simd)
         rd, ri = np_topk(q, x, k, m)
         np.testing.assert_array_equal(d, rd)
         np.testing.assert_array_equal(i, ri)

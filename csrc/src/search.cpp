@@ -253,16 +253,26 @@ Plan make_plan(const SearchInput& in) {
   Plan p;
   int t = in.num_threads > 0 ? in.num_threads : hardware_threads();
   p.threads = std::max(1, t);
+  const int64_t maxs = std::max<int64_t>(1, in.nx / 32768);  // ranges of >= 32k codes
+  const bool big = in.nx * in.W * 8 > (int64_t(32) << 20);     // beyond a typical L3
   if (in.nq >= 16 * static_cast<int64_t>(p.threads)) {
-    p.splits = 1;
-    // at most 64 queries per task, and enough tasks to keep every thread busy
-    int64_t per = (in.nq + 4 * p.threads - 1) / (4 * p.threads);
-    p.group = std::min<int64_t>(64, std::max<int64_t>(8, (per + 7) / 8 * 8));
+    if (big) {
+      // DRAM-resident gallery: every task streams the gallery once, so use the largest query
+      // groups and cut the gallery into ranges instead when that leaves threads idle
+      p.group = 64;
+      const int64_t groups = (in.nq + 63) / 64;
+      const int64_t want = 2 * static_cast<int64_t>(p.threads);
+      p.splits = groups >= want ? 1 : std::min(maxs, (want + groups - 1) / groups);
+    } else {
+      p.splits = 1;
+      // at most 64 queries per task, and enough tasks to keep every thread busy
+      int64_t per = (in.nq + 4 * p.threads - 1) / (4 * p.threads);
+      p.group = std::min<int64_t>(64, std::max<int64_t>(8, (per + 7) / 8 * 8));
+    }
   } else {
     p.group = std::min<int64_t>(64, in.nq);
-    // a few ranges per thread for balance on a shared machine, but each at least 32k codes
+    // a few ranges per thread for balance on a shared machine
     int64_t want = static_cast<int64_t>(p.threads) * (p.threads > 1 ? 4 : 1);
-    int64_t maxs = std::max<int64_t>(1, in.nx / 32768);
     p.splits = std::max<int64_t>(1, std::min(want, maxs));
   }
   p.ngroups = (in.nq + p.group - 1) / p.group;
@@ -360,7 +370,7 @@ void run_tasks(const SearchInput& in, const Plan& p, int64_t guess_k, Init init,
         // take every distance to a sample of S codes and start the limit at a generous sample
         // quantile (rank 2 S k / N + 4 sqrt(S k / N) + 4, about 4x the k-th distance's share).
         // If fewer than k codes of the range pass it, the query is scanned again from the
-        // maximum: the answer is exact either way.
+        // maximum: the range's top-k (merged across ranges later) is exact either way.
         constexpr int64_t kSample = 4096;
         bool guessed = false;
         if (guess_k >= 256 && hi - lo >= 32 * kSample) {
@@ -427,7 +437,7 @@ void topk_search(const SearchInput& in, int64_t k, int32_t* out_d, int64_t* out_
       part_n[q * p.splits + sidx] = n;
     }
   };
-  run_tasks(in, p, p.splits == 1 ? k : 0, init, done);
+  run_tasks(in, p, k, init, done);
   if (p.splits > 1) {
     std::vector<uint64_t> all;
     for (int64_t q = 0; q < in.nq; ++q) {
