@@ -124,8 +124,8 @@ def main(argv=None) -> int:
     m, sp = result["memory"], result["speed"]
     for name in ("fused", "naive"):
         if "peak_extra_mib" in m[name]:
-            print(f"memory N={2 * mem_b} L=64 {name:5s}: peak extra {m[name]['peak_extra_mib']:9.1f}"
-                  f" MiB  ({m[name]['seconds']:.2f} s fwd+bwd)")
+            print(f"memory N={2 * mem_b} L=64 {name:5s}: peak extra "
+                  f"{m[name]['peak_extra_mib']:9.1f} MiB  ({m[name]['seconds']:.2f} s fwd+bwd)")
         else:
             print(f"memory {name}: FAILED\n{m[name]['error']}")
     if "fused_over_naive" in m:

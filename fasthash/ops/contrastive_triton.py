@@ -155,11 +155,13 @@ def _contrastive_lse_bwd_kernel(
 def _blocks(length: int, device: torch.device, block_r: int | None, block_c: int | None):
     bl = next_pow2(length)
     if device.type == "cuda":
+        # sized with ptxas for sm_90 (tests/test_kernels_aot.py): <= 227 KiB shared memory,
+        # no register spills in the forward
         if bl <= 128:
             br, bc, warps = 128, 64, 8
         elif bl <= 256:
-            br, bc, warps = 64, 64, 8
-        else:
+            br, bc, warps = 64, 32, 8
+        else:  # up to 512 bits: operand tiles of 32 x 512 fp32 (64 KiB) each
             br, bc, warps = 32, 32, 8
     else:  # interpreter: few, large-ish tiles (each program step costs milliseconds)
         br, bc, warps = 64, 64, 4

@@ -16,10 +16,12 @@ launcher merges the splits with one ``torch.topk`` over ``splits * KP`` keys per
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
 
+from ..reference import words_to_torch
 from ._triton_common import check_device, interpreting, next_pow2
 from ._triton_common import num_sms as _num_sms
 
@@ -122,11 +124,21 @@ def _hamming_topk_fwd_kernel(
 # --------------------------------------------------------------------------- launchers
 
 
+def _as_words(t, name: str, device: torch.device) -> torch.Tensor:
+    """torch.int64 words on ``device`` (numpy uint64/int64 and torch uint64 are reinterpreted)."""
+    if isinstance(t, torch.Tensor) and t.dtype not in (torch.int64, torch.uint64):
+        raise TypeError(f"{name} must hold packed words as torch.int64, got {t.dtype}")
+    return words_to_torch(t, name).to(device)
+
+
 def _prepare(queries, gallery, mask):
-    check_device(queries, gallery, mask)
-    for name, t in (("queries", queries), ("gallery", gallery)):
-        if not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or t.ndim != 2:
-            raise TypeError(f"{name} must be a 2-D torch.int64 tensor of packed words")
+    tensors = [t for t in (queries, gallery, mask) if isinstance(t, torch.Tensor)]
+    if not tensors:
+        raise TypeError("queries or gallery must be a torch tensor (on CUDA)")
+    device = next((t.device for t in tensors if t.device.type == "cuda"), tensors[0].device)
+    queries = _as_words(queries, "queries", device)
+    gallery = _as_words(gallery, "gallery", device)
+    check_device(queries, gallery)
     if queries.shape[1] != gallery.shape[1]:
         raise ValueError(f"gallery must have {queries.shape[1]} words per code like queries, "
                          f"got {gallery.shape[1]}")
@@ -137,15 +149,30 @@ def _prepare(queries, gallery, mask):
     q, x = queries.contiguous(), gallery.contiguous()
     mode, m, sm = 0, q, 0
     if mask is not None:
-        if mask.dtype != torch.int64:
-            raise TypeError(f"mask must be torch.int64 packed words, got {mask.dtype}")
-        m = mask.reshape(1, -1) if mask.ndim == 1 else mask
+        m = _as_words(mask.reshape(1, -1) if mask.ndim == 1 else mask, "mask", device)
         if m.ndim != 2 or m.shape[1] != q.shape[1] or m.shape[0] not in (1, q.shape[0]):
             raise ValueError(f"mask must be [{q.shape[1]}] or [{q.shape[0]}, {q.shape[1]}] "
                              f"words, got {tuple(mask.shape)}")
         m = m.contiguous()
         mode, sm = (1, 0) if m.shape[0] == 1 else (2, m.stride(0))
     return q, x, m, mode, sm
+
+
+def _dist_config(device: torch.device, block_q=None, block_n=None):
+    """(BLOCK_Q, BLOCK_N, num_warps): 32 x 128 with 8 warps has no spills on sm_90."""
+    if device.type == "cuda":
+        return block_q or 32, block_n or 128, 8
+    return block_q or 32, block_n or 64, 4
+
+
+def _topk_config(kp: int, device: torch.device, block_q=None, block_n=None):
+    """(BLOCK_Q, BLOCK_N, num_warps) for a running top-KP: fewer queries per program as KP grows
+    (the running keys and the bitonic network live in registers; checked with ptxas)."""
+    if device.type == "cuda":
+        bn = block_n or max(kp, 128)
+        bq = block_q or (32 if kp <= 32 else 16 if kp <= 64 else 8 if kp <= 256 else 4)
+        return bq, bn, 8 if bq >= 32 else 4
+    return block_q or 32, block_n or max(kp, 64), 4
 
 
 def hamming_distance_forward(
@@ -165,13 +192,12 @@ def hamming_distance_forward(
     q, x, m, mode, sm = _prepare(queries, gallery, mask)
     nq, w = q.shape
     nx = x.shape[0]
-    cuda = q.device.type == "cuda"
-    bq, bn = block_q or (32 if cuda else 32), block_n or (128 if cuda else 64)
+    bq, bn, warps = _dist_config(q.device, block_q, block_n)
     out = torch.empty(nq, nx, dtype=torch.int32, device=q.device)
     grid = (triton.cdiv(nq, bq), triton.cdiv(nx, bn))
     _hamming_distance_fwd_kernel[grid](
         q, x, m, out, nq, nx, w, q.stride(0), x.stride(0), sm, out.stride(0),
-        MASK_MODE=mode, HW_POPC=not interpreting(), BLOCK_Q=bq, BLOCK_N=bn,
+        MASK_MODE=mode, HW_POPC=not interpreting(), BLOCK_Q=bq, BLOCK_N=bn, num_warps=warps,
     )
     return out
 
@@ -196,7 +222,8 @@ def hamming_topk_cuda(
 
     Args:
         queries: ``[Q, W]`` torch.int64 packed words (CUDA; CPU tensors under the interpreter).
-        gallery: ``[N, W]`` torch.int64 packed words on the same device.
+        gallery: ``[N, W]`` packed words; torch.int64 on the same device (numpy uint64 arrays or
+            torch.uint64 tensors are reinterpreted and copied to the queries' device).
         k: 1 <= k <= N.
         mask: None, a global mask ``[W]`` or per-query masks ``[Q, W]`` (int64 words).
         block_q, block_n, splits: tiling overrides (tests, tuning).
@@ -217,8 +244,9 @@ def hamming_topk_cuda(
     q, x, m, mode, sm = _prepare(queries, gallery, mask)
     nq, w = q.shape
     nx = x.shape[0]
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= nx:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= nx:
         raise ValueError(f"k must be an integer with 1 <= k <= N = {nx}, got {k!r}")
+    k = int(k)
     if nq == 0:
         return (torch.empty(0, k, dtype=torch.int32, device=q.device),
                 torch.empty(0, k, dtype=torch.int64, device=q.device))
@@ -236,12 +264,7 @@ def hamming_topk_cuda(
             best = torch.topk(keys, min(k, keys.shape[1]), dim=1, largest=False).values
         return _keys_to_result(best, k)
     cuda = q.device.type == "cuda"
-    if cuda:
-        bn = block_n or max(kp, 128)
-        bq = block_q or (32 if bn <= 128 else 16 if bn <= 256 else 4)
-    else:  # interpreter: few tile steps
-        bn = block_n or max(kp, 64)
-        bq = block_q or 32
+    bq, bn, warps = _topk_config(kp, q.device, block_q, block_n)
     if bn < kp or bn & (bn - 1):
         raise ValueError(f"block_n must be a power of two >= {kp}, got {bn}")
     n_qt, n_nt = triton.cdiv(nq, bq), triton.cdiv(nx, bn)
@@ -255,7 +278,7 @@ def hamming_topk_cuda(
         q, x, m, keys, nq, nx, w, q.stride(0), x.stride(0), sm, n_per_split, splits,
         MASK_MODE=mode, HW_POPC=not interpreting(),
         USE_SORT=(not interpreting()) if use_sort is None else bool(use_sort),
-        BLOCK_Q=bq, BLOCK_N=bn, KP=kp, num_warps=4,
+        BLOCK_Q=bq, BLOCK_N=bn, KP=kp, num_warps=warps,
     )
     return _keys_to_result(keys, k)
 

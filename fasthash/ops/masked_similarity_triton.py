@@ -135,10 +135,22 @@ def _mask(table: torch.Tensor | None, ids: torch.Tensor | None, like: torch.Tens
     return table, ids_t, table.stride(0)
 
 
-def _defaults(device: torch.device, block_n, block_m, block_l):
+def _fwd_config(device: torch.device, block_n=None, block_m=None, block_l=None):
+    """(BLOCK_N, BLOCK_M, BLOCK_L, num_warps) of the forward; on sm_90 128 x 128 x 16 with 8
+    warps compiles without spills (32-wide L chunks spill)."""
     if device.type == "cuda":
-        return block_n or 128, block_m or 128, block_l or 32, 8
+        return block_n or 128, block_m or 128, block_l or 16, 8
     return block_n or 64, block_m or 64, block_l or 64, 4
+
+
+def _bwd_config(bl: int, device: torch.device, block_n=None, block_m=None):
+    """(BLOCK_N, BLOCK_M, num_warps) of the backward, whose accumulator holds whole codes:
+    [BN, BL] fp32 registers and [BM, BL] operand tiles."""
+    if device.type == "cuda":
+        bn = block_n or (64 if bl <= 128 else 32 if bl <= 256 else 16)
+        bm = block_m or (64 if bl <= 256 else 32)
+        return bn, bm, 8 if bl > 64 else 4
+    return block_n or 64, block_m or 64, 4
 
 
 def masked_similarity_forward(
@@ -165,7 +177,7 @@ def masked_similarity_forward(
     x, y = _codes(x), _codes(y)
     n, length = x.shape
     m = y.shape[0]
-    bn, bm, bl, warps = _defaults(x.device, block_n, block_m, block_l)
+    bn, bm, bl, warps = _fwd_config(x.device, block_n, block_m, block_l)
     bl = min(bl, next_pow2(length))
     out = torch.empty(n, m, dtype=torch.float32, device=x.device)
     mxt, mxi, smx = _mask(mx_table, mx_ids, x)
@@ -203,10 +215,7 @@ def masked_similarity_backward(
     if grad.shape != (n, m):
         raise ValueError(f"grad must have shape [{n}, {m}], got {tuple(grad.shape)}")
     bl = next_pow2(length)
-    if x.device.type == "cuda":
-        bn, bm, warps = block_n or (64 if bl <= 128 else 32), block_m or 64, 8 if bl > 64 else 4
-    else:
-        bn, bm, warps = block_n or 64, block_m or 64, 4
+    bn, bm, warps = _bwd_config(bl, x.device, block_n, block_m)
     dx = torch.empty(n, length, dtype=torch.float32, device=x.device)
     mxt, mxi, smx = _mask(mx_table, mx_ids, x)
     myt, myi, smy = _mask(my_table, my_ids, y)

@@ -27,7 +27,7 @@ Tensor = torch.Tensor
 _WARNED: set = set()
 
 # Triton kernels keep a whole (padded) code row in registers; longer codes use the torch path.
-_TRITON_MAX_BITS = 1024
+_TRITON_MAX_BITS = 512
 
 
 def _warn_once(key: str, msg: str) -> None:
