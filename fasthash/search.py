@@ -263,7 +263,7 @@ def hamming_radius(
     """
     device = None
     if _is_cuda(queries, gallery, mask):
-        device = next(t.device for t in (queries, gallery, mask) if isinstance(t, torch.Tensor))
+        device = next(t.device for t in (queries, gallery, mask) if _is_cuda(t))
         queries, gallery = queries.cpu(), gallery.cpu()
         mask = mask.cpu() if isinstance(mask, torch.Tensor) else mask
     q, x, m = _prepare(queries, gallery, mask)

@@ -77,6 +77,23 @@ def test_wide_codes_and_odd_lengths(simd):
         assert (d[:, 0] == 0).all()
 
 
+@pytest.mark.parametrize("w", [2, 3, 4])
+def test_few_queries_on_multiword_codes(simd, w):
+    """1-3 queries take the row-major kernels (no blocked copy); ranges end mid-block."""
+    rng = np.random.default_rng(40 + w)
+    x = tie_heavy(rng, 3001, w, few_bits=4)
+    x[::2] = rng.integers(0, 2**64, (1501, w), dtype=np.uint64)
+    for nq in (1, 2, 3):
+        q = x[5 : 5 + nq].copy()
+        for m in (None, rng.integers(0, 2**64, (nq, w), dtype=np.uint64)):
+            rd, ri = np_topk(q, x, 3001, m)
+            for k in (1, 40, 3001):
+                for t in (1, 2):
+                    d, i = fasthash.hamming_topk(q, x, k, m, num_threads=t, simd=simd)
+                    np.testing.assert_array_equal(d, rd[:, :k])
+                    np.testing.assert_array_equal(i, ri[:, :k])
+
+
 def test_all_zero_mask_and_edge_sizes(simd):
     rng = np.random.default_rng(4)
     x = rng.integers(0, 2**64, (100, 2), dtype=np.uint64)

@@ -249,11 +249,13 @@ struct Plan {
   int64_t chunk;   // codes per chunk
 };
 
-Plan make_plan(const SearchInput& in) {
+Plan make_plan(const SearchInput& in, int64_t k) {
   Plan p;
   int t = in.num_threads > 0 ? in.num_threads : hardware_threads();
   p.threads = std::max(1, t);
-  const int64_t maxs = std::max<int64_t>(1, in.nx / 32768);  // ranges of >= 32k codes
+  // gallery ranges of >= 32k codes, and >= 200 k codes so that a range's top-k scan (whose
+  // cost grows like k ln(range / k)) stays cheap and can use the sampled limit
+  const int64_t maxs = std::max<int64_t>(1, in.nx / std::max<int64_t>(32768, 200 * k));
   const bool big = in.nx * in.W * 8 > (int64_t(32) << 20);     // beyond a typical L3
   if (in.nq >= 16 * static_cast<int64_t>(p.threads)) {
     if (big) {
@@ -297,9 +299,14 @@ void run_tasks(const SearchInput& in, const Plan& p, int64_t guess_k, Init init,
   // [0]: the level's kernels; [1]: scalar kernels on the row-major gallery, used by tasks of
   // fewer than 4 queries on multi-word codes, where transposing each chunk into the blocked
   // layout would cost more than the SIMD kernel saves (the copy is shared by a task's queries).
+  // With AVX-512 and W = 2 or 4 those few-query tasks use row-major kernels instead.
   KernelFn kern[2][4];
+  const bool rows = in.simd == Simd::Avx512 && avx512_rows_kernel(in.W, masked, 1) != nullptr;
   for (int f = 0; f < 2; ++f)
-    for (int j = 0; j < 4; ++j) kern[f][j] = pick(f ? Simd::Scalar : in.simd, in.W, masked, 1 << j);
+    for (int j = 0; j < 4; ++j)
+      kern[f][j] = f == 0   ? pick(in.simd, in.W, masked, 1 << j)
+                   : rows ? avx512_rows_kernel(in.W, masked, std::min(4, 1 << j))
+                          : pick(Simd::Scalar, in.W, masked, 1 << j);
   const int64_t ntasks = p.ngroups * p.splits;
   const int64_t maxd = 64 * in.W;
   std::atomic<int64_t> next{0};
@@ -415,7 +422,7 @@ void run_tasks(const SearchInput& in, const Plan& p, int64_t guess_k, Init init,
 }  // namespace
 
 void topk_search(const SearchInput& in, int64_t k, int32_t* out_d, int64_t* out_i) {
-  Plan p = make_plan(in);
+  Plan p = make_plan(in, k);
   const int64_t maxd = 64 * in.W;
   // with gallery splits, each (query, split) keeps its own sorted top-k, merged afterwards
   std::vector<uint64_t> part;
@@ -457,7 +464,7 @@ void topk_search(const SearchInput& in, int64_t k, int32_t* out_d, int64_t* out_
 
 void radius_search(const SearchInput& in, int64_t r, int64_t* lims, std::vector<int32_t>* out_d,
                    std::vector<int64_t>* out_i) {
-  Plan p = make_plan(in);
+  Plan p = make_plan(in, 0);
   std::vector<std::vector<uint64_t>> part(static_cast<size_t>(in.nq * p.splits));
   auto init = [&](Selector* s, std::vector<int64_t>* h) { s->init_radius(r, h); };
   auto done = [&](int64_t q, int64_t sidx, Selector* s) {

@@ -42,6 +42,9 @@ void avx512_block(const KernelArgs& a) {
   const uint64_t* xb = a.x;
   for (int64_t b = 0; b < nblk; ++b, xb += W * 8) {
     __m512i acc[QB];
+    // 64-bit codes are read straight from the gallery: prefetch 1 KiB ahead (DRAM-bound for
+    // few queries; a no-op cost otherwise, and prefetches never fault past the end)
+    if (WT == 1) _mm_prefetch(reinterpret_cast<const char*>(xb + 128), _MM_HINT_T0);
     {
       const __m512i g = _mm512_loadu_si512(xb);
       for (int i = 0; i < QB; ++i) {
@@ -90,6 +93,87 @@ void avx512_block(const KernelArgs& a) {
   }
 }
 
+// Row-major variant for tasks of few queries on 128/256-bit codes: the 8 codes of a block are
+// transposed in registers (VPERMT2Q) instead of through a copy of the chunk, which for one
+// query would cost more than the search itself.
+template <int WT>
+inline void load_rows(const uint64_t* xb, int64_t left, __m512i* g) {
+  const int64_t words = left >= 8 ? 8 * WT : left * WT;
+  auto ld = [&](int64_t off) {
+    const int64_t m = words - off;
+    if (m >= 8) return _mm512_loadu_si512(xb + off);
+    if (m <= 0) return _mm512_setzero_si512();
+    return _mm512_maskz_loadu_epi64(static_cast<__mmask8>((1u << m) - 1u), xb + off);
+  };
+  if (WT == 2) {
+    const __m512i a = ld(0), b = ld(8);
+    g[0] = _mm512_permutex2var_epi64(a, _mm512_setr_epi64(0, 2, 4, 6, 8, 10, 12, 14), b);
+    g[1] = _mm512_permutex2var_epi64(a, _mm512_setr_epi64(1, 3, 5, 7, 9, 11, 13, 15), b);
+  } else {  // WT == 4
+    const __m512i a = ld(0), b = ld(8), c = ld(16), d = ld(24);
+    const __m512i lo = _mm512_setr_epi64(0, 4, 8, 12, 1, 5, 9, 13);
+    const __m512i hi = _mm512_setr_epi64(2, 6, 10, 14, 3, 7, 11, 15);
+    const __m512i t0 = _mm512_permutex2var_epi64(a, lo, b), t1 = _mm512_permutex2var_epi64(a, hi, b);
+    const __m512i t2 = _mm512_permutex2var_epi64(c, lo, d), t3 = _mm512_permutex2var_epi64(c, hi, d);
+    const __m512i first = _mm512_setr_epi64(0, 1, 2, 3, 8, 9, 10, 11);
+    const __m512i second = _mm512_setr_epi64(4, 5, 6, 7, 12, 13, 14, 15);
+    g[0] = _mm512_permutex2var_epi64(t0, first, t2);
+    g[1] = _mm512_permutex2var_epi64(t0, second, t2);
+    g[2] = _mm512_permutex2var_epi64(t1, first, t3);
+    g[3] = _mm512_permutex2var_epi64(t1, second, t3);
+  }
+}
+
+template <int QB, int WT, bool MASK>
+void avx512_rows(const KernelArgs& a) {
+  __m512i lim[QB];
+  for (int i = 0; i < QB; ++i) lim[i] = _mm512_set1_epi64(a.sel[i]->lim);
+  const int64_t nblk = (a.n + 7) / 8;
+  const int tail = static_cast<int>(a.n - (nblk - 1) * 8);
+  for (int64_t b = 0; b < nblk; ++b) {
+    __m512i g[WT];
+    // software prefetch ~2 KiB ahead: with one query the scan is bound by DRAM, and the
+    // hardware prefetcher alone leaves bandwidth unused
+    for (int l = 0; l < WT; ++l)
+      _mm_prefetch(reinterpret_cast<const char*>(a.x + (b + 8) * 8 * WT + l * 8), _MM_HINT_T0);
+    load_rows<WT>(a.x + b * 8 * WT, a.n - b * 8, g);
+    __m512i acc[QB];
+    for (int i = 0; i < QB; ++i) {
+      acc[i] = _mm512_setzero_si512();
+      for (int w = 0; w < WT; ++w) {
+        const __m512i qq = _mm512_set1_epi64(static_cast<long long>(a.q[i][w]));
+        const __m512i v =
+            MASK ? _mm512_ternarylogic_epi64(
+                       qq, g[w], _mm512_set1_epi64(static_cast<long long>(a.mask[i][w])), 0x28)
+                 : _mm512_xor_si512(qq, g[w]);
+        acc[i] = _mm512_add_epi64(acc[i], _mm512_popcnt_epi64(v));
+      }
+    }
+    __mmask8 any = 0;
+    for (int i = 0; i < QB; ++i) any |= _mm512_cmple_epi64_mask(acc[i], lim[i]);
+    if (__builtin_expect(any != 0, 0)) {
+      const __mmask8 valid =
+          b + 1 == nblk ? static_cast<__mmask8>((1u << tail) - 1u) : static_cast<__mmask8>(0xFF);
+      const __m512i idx = _mm512_add_epi64(_mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7),
+                                           _mm512_set1_epi64(a.base + b * 8));
+      bool full = false;
+      for (int i = 0; i < QB; ++i) {
+        const __mmask8 h = _mm512_cmple_epi64_mask(acc[i], lim[i]) & valid;
+        Selector* s = a.sel[i];
+        const int64_t n = s->n;
+        const __m512i key = _mm512_or_si512(_mm512_slli_epi64(acc[i], kIndexBits), idx);
+        _mm512_storeu_si512(s->buf + n, _mm512_maskz_compress_epi64(h, key));
+        s->n = n + __builtin_popcount(h);
+        full |= s->n >= s->cap;
+      }
+      if (__builtin_expect(full, 0)) {
+        overflow_all<QB>(a);
+        for (int i = 0; i < QB; ++i) lim[i] = _mm512_set1_epi64(a.sel[i]->lim);
+      }
+    }
+  }
+}
+
 }  // namespace
 
 KernelFn avx512_kernel(int64_t W, bool masked, int nq) {
@@ -97,6 +181,17 @@ KernelFn avx512_kernel(int64_t W, bool masked, int nq) {
 #include "fasthash/kernel_dispatch.h"
   FASTHASH_PICK_KERNEL()
 #undef KERNEL
+}
+
+KernelFn avx512_rows_kernel(int64_t W, bool masked, int nq) {
+  if (W != 2 && W != 4) return nullptr;
+#define RSEL(QB, M) (W == 2 ? &avx512_rows<QB, 2, M> : &avx512_rows<QB, 4, M>)
+  switch (nq) {
+    case 1: return masked ? RSEL(1, true) : RSEL(1, false);
+    case 2: return masked ? RSEL(2, true) : RSEL(2, false);
+    default: return masked ? RSEL(4, true) : RSEL(4, false);
+  }
+#undef RSEL
 }
 
 }  // namespace fasthash

@@ -25,8 +25,11 @@ void scalar_block(const KernelArgs& a) {
     mr[i] = MASK ? a.mask[i] : nullptr;
     lim[i] = a.sel[i]->lim;
   }
+  // one software prefetch per cache line, ~1 KiB ahead (the single-query scan is DRAM-bound)
+  const int64_t per_line = W >= 8 ? 1 : 8 / W;
   for (int64_t j = 0; j < a.n; ++j) {
     const uint64_t* xj = a.x + j * W;
+    if (j % per_line == 0) __builtin_prefetch(xj + 128, 0, 3);
     for (int i = 0; i < QB; ++i) {
       int64_t d = 0;
       for (int64_t w = 0; w < W; ++w) {

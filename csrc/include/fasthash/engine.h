@@ -88,5 +88,7 @@ using KernelFn = void (*)(const KernelArgs&);
 KernelFn scalar_kernel(int64_t W, bool masked, int nq);
 KernelFn avx2_kernel(int64_t W, bool masked, int nq);
 KernelFn avx512_kernel(int64_t W, bool masked, int nq);
+// Row-major AVX-512 kernels for W = 2 or 4 and nq in {1, 2, 4} (nullptr otherwise).
+KernelFn avx512_rows_kernel(int64_t W, bool masked, int nq);
 
 }  // namespace fasthash
