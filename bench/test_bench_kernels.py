@@ -36,8 +36,7 @@ def _sync(provider):
         torch.cuda.synchronize()
 
 
-@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
-@pytest.mark.parametrize("n_rows", [1024, 4096])
+@pytest.mark.parametrize("n_rows,mode", [(2048, "fwd"), (2048, "fwd+bwd"), (4096, "fwd+bwd")])
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_brcd_loss(benchmark, provider, n_rows, mode):
     s, t, t2, kw = _loss_inputs(n_rows // 2, 64, _device(provider))
@@ -77,7 +76,7 @@ def test_nt_xent(benchmark, provider):
     benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=1)
 
 
-@pytest.mark.parametrize("length", [64, 256])
+@pytest.mark.parametrize("length", [64])
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_masked_similarity(benchmark, provider, length):
     dev = _device(provider)

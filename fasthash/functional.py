@@ -135,8 +135,9 @@ def masked_hamming_similarity(
         >>> x = torch.tensor([[1., -1., 1., 1.]]); y = torch.tensor([[1., 1., 1., -1.]])
         >>> masked_hamming_similarity(x, y)
         tensor([[0.]])
-        >>> masked_hamming_similarity(x, y, torch.tensor([[1, 0, 1, 0]]), None)
-        tensor([[1.]])
+        >>> m = torch.tensor([[1, 0, 1, 0]])  # keep bits 0 and 2, where x and y agree
+        >>> round(masked_hamming_similarity(x, y, m, m).item(), 6)
+        1.0
     """
     ref.check_codes(x, "x")
     ref.check_codes(y, "y", x.shape[1])

@@ -14,9 +14,14 @@ from fasthash.ops import hamming_topk_triton as ht  # noqa: E402
 from fasthash.ops import masked_similarity_triton as mt  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-# interpreter: full fp32 dots; GPU: TF32 dots (KERNELS.md tolerances)
+# interpreter: full fp32 dots; GPU: TF32 dots (KERNELS.md tolerances, measured at tau = 0.3;
+# a TF32 error in a similarity is amplified by 1/tau in the logits, so they scale with 0.3/tau)
 LOSS_RTOL = 1e-5 if DEV == "cpu" else 1e-3
 GRAD_TOL = 1e-5 if DEV == "cpu" else 5e-3
+
+
+def _tau_scale(tau):
+    return 1.0 if DEV == "cpu" else max(1.0, 0.3 / tau)
 
 
 @pytest.fixture
@@ -34,10 +39,11 @@ def _gen(seed):
     return torch.Generator().manual_seed(seed)
 
 
-def _assert_grad(got, want, name):
+def _assert_grad(got, want, name, factor=1.0):
     scale = want.abs().max().item()
     err = (got.double().cpu() - want.double().cpu()).abs().max().item()
-    assert err <= GRAD_TOL * max(scale, 1e-12), f"{name}: max err {err:.3g}, max|g| {scale:.3g}"
+    tol = GRAD_TOL * factor * max(scale, 1e-12)
+    assert err <= tol, f"{name}: max err {err:.3g}, max|g| {scale:.3g}"
 
 
 def _noncontig(t):
@@ -194,12 +200,13 @@ def test_brcd_loss(triton_route, bsz, length, masks, clusters, tau, alpha, reduc
     got = fasthash.brcd_contrastive_loss(
         sf, t.float().to(DEV), t2.float().to(DEV), mask_table=dev(table), cluster_ids=dev(c),
         aug_cluster_ids=dev(ca), alpha=alpha, temperature=tau, reduction=reduction)
-    torch.testing.assert_close(got.double().cpu(), want, rtol=LOSS_RTOL, atol=LOSS_RTOL)
+    tol = LOSS_RTOL * _tau_scale(tau)
+    torch.testing.assert_close(got.double().cpu(), want, rtol=tol, atol=tol)
     if reduction == "none":
         (gs,) = torch.autograd.grad((got * w.float().to(DEV)).sum(), sf)
     else:
         (gs,) = torch.autograd.grad(got * 1.7, sf)
-    _assert_grad(gs, gs_want, "d student")
+    _assert_grad(gs, gs_want, "d student", _tau_scale(tau))
 
 
 def _brcd_rows_ref(s, t, t2, **kw):
@@ -254,10 +261,11 @@ def test_nt_xent(triton_route, bsz, length, tau, noncontig):
     a.requires_grad_()
     b.requires_grad_()
     got = fasthash.nt_xent_loss(a, b, tau)
-    torch.testing.assert_close(got.double().cpu(), want.detach(), rtol=LOSS_RTOL, atol=LOSS_RTOL)
+    tol = LOSS_RTOL * _tau_scale(tau)
+    torch.testing.assert_close(got.double().cpu(), want.detach(), rtol=tol, atol=tol)
     ga, gb = torch.autograd.grad(got * 0.5, (a, b))
-    _assert_grad(ga, g1, "dz1")
-    _assert_grad(gb, g2, "dz2")
+    _assert_grad(ga, g1, "dz1", _tau_scale(tau))
+    _assert_grad(gb, g2, "dz2", _tau_scale(tau))
 
 
 @pytest.mark.parametrize("fixed_shift", [True, False], ids=["fixed-shift", "online-max"])
@@ -280,10 +288,11 @@ def test_contrastive_lse_launchers(fixed_shift, splits):
     lse = ct.contrastive_lse_forward(f(za), f(zb), f(pos), rc.to(DEV), cc.to(DEV), inv_tau,
                                      block_r=16, block_c=16, splits=splits,
                                      fixed_shift=fixed_shift)
-    torch.testing.assert_close(lse.double().cpu(), lse_want, rtol=LOSS_RTOL, atol=LOSS_RTOL)
+    tol = LOSS_RTOL * _tau_scale(0.2)
+    torch.testing.assert_close(lse.double().cpu(), lse_want, rtol=tol, atol=tol)
     gz = ct.contrastive_lse_backward(f(gl), f(za), f(zb), f(lse_want), rc.to(DEV), cc.to(DEV),
                                      inv_tau, bsz, block_r=16, block_c=16, splits=splits)
-    _assert_grad(gz, gz_want, "dz")
+    _assert_grad(gz, gz_want, "dz", _tau_scale(0.2))
     assert (gz[3].cpu() != 0).any()  # an empty row as a *row* still gets the column terms
 
 
