@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--student", help="student checkpoint")
     p.add_argument("--teacher", help="teacher checkpoint (default: the student's teacher)")
     p.add_argument("--topk", type=int, help="K of mAP@K")
+    p.add_argument("--sshp-only", action="store_true",
+                   help="do not load the student's teacher (no ASHP / teacher numbers)")
     p.add_argument("--json", dest="json_out", help="also write the results to this JSON file")
 
     p = sub.add_parser("encode", help="codes of a split with a checkpoint (.npy)")
@@ -176,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             print(task.distill(cfg, teacher=args.teacher, resume=args.resume, progress=progress))
         elif args.cmd == "evaluate":
             res = task.evaluate(cfg, student=args.student, teacher=args.teacher,
-                                progress=progress)
+                                progress=progress, with_teacher=not args.sshp_only)
             if args.json_out:
                 Path(args.json_out).write_text(json.dumps(res, indent=2))
         elif args.cmd == "encode":

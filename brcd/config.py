@@ -129,6 +129,7 @@ class Config:
     device: str = "auto"
     threads: int = 0  # torch intra-op CPU threads; 0 = torch's default
     out_dir: str = "runs/brcd"
+    cache_dir: str | None = None  # view/feature cache; None = <out_dir>/cache
     temperature: float = 0.3
     kl_weight: float = 0.001
     topk: int = 1000

@@ -175,7 +175,8 @@ def _cache_key(cfg: Config, mc: ModelConfig, n_views: int, train_idx: np.ndarray
 def _view_cache(cfg: Config, model: HashModel, mc: ModelConfig, n_views: int,
                 splits: D.Splits, device: torch.device, log) -> ViewCache:
     key = _cache_key(cfg, mc, n_views, splits.train_indices)
-    path = Path(cfg.out_dir) / "cache" / f"views_{key}.pt"
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.out_dir) / "cache"
+    path = cache_dir / f"views_{key}.pt"
     if path.is_file():
         log(f"view cache: loading {path}")
         return ViewCache(**torch.load(path, map_location="cpu", weights_only=True))
@@ -521,12 +522,13 @@ def encode(checkpoint: str | Path, images: D.ImageSet, view_size: int,
 
 
 def evaluate(cfg: Config, student: str | Path | None = None, teacher: str | Path | None = None,
-             progress: bool = True) -> dict[str, float]:
+             progress: bool = True, with_teacher: bool = True) -> dict[str, float]:
     """Test-protocol mAP@topk: query split vs database split.
 
     Returns:
         ``{"teacher": T/T, "sshp": S/S, "ashp": S query vs T database}`` for the models given
-        (the student's teacher is taken from its checkpoint when ``teacher`` is None).
+        (the student's teacher is taken from its checkpoint when ``teacher`` is None and
+        ``with_teacher``; ``with_teacher=False`` gives SSHP only, without encoding the teacher).
     """
     device = _setup(cfg)
     log = _log(progress)
@@ -542,7 +544,7 @@ def evaluate(cfg: Config, student: str | Path | None = None, teacher: str | Path
         sdb = encode_images(sm, splits.database, vs, sspec["image_size"], device)
         res["sshp"] = retrieval_map(sq, sdb, splits.query.labels, splits.database.labels, cfg.topk)
         tp = s_ckpt.get("teacher_path")
-        if teacher is None and tp and Path(tp).is_file():
+        if teacher is None and with_teacher and tp and Path(tp).is_file():
             teacher = tp
     if teacher is not None:
         tm, tspec = load_model(teacher, cfg.bits)
