@@ -148,4 +148,4 @@ def test_kd_baselines():
     assert float(good.detach()) < float(bad.detach())
     loss, parts = cibhash_loss(_out(t), _out(t))
     assert set(parts) == {"ntxent", "kl"} and float(parts["kl"]) == pytest.approx(0, abs=1e-6)
-    assert float(loss) < float(cibhash_loss(_out(t), _out(other))[0])
+    assert float(loss.detach()) < float(cibhash_loss(_out(t), _out(other))[0].detach())

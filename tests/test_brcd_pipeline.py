@@ -198,3 +198,39 @@ def test_cli_help_and_run(tmp_path, capsys):
                      "--output", str(out)]) == 0
     assert np.load(out).shape == (300, 16)
     assert load_checkpoint(tmp_path / "student_last.pt")["config"]["distill"]["alpha"] == 0.5
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")  # 2-step teacher
+def test_cached_views_student_sees_the_views_the_teacher_coded(tmp_path):
+    cfg = _cfg(tmp_path, **{"teacher.model.freeze_backbone": True,
+                            "teacher.train.cache_views": 3, "student.train.cache_views": 3,
+                            "teacher.train.eval_every": 0, "student.train.eval_every": 0,
+                            "teacher.train.steps_per_epoch": 2,
+                            "student.train.steps_per_epoch": 2})
+    task.build_masks(cfg, teacher=task.train_teacher(cfg, progress=False), progress=False)
+    (cache_file,) = (tmp_path / "cache").glob("views_*.pt")
+    stamp = cache_file.stat().st_mtime_ns
+    teacher, _ = task.load_model(tmp_path / "teacher_masks.pt")
+    seen = []
+    orig = task._index_batches
+
+    def spy(*args):
+        for idx, v1, v2 in orig(*args):
+            seen.append((idx, v1, v2))
+            yield idx, v1, v2
+
+    task._index_batches = spy
+    try:
+        task.distill(cfg, progress=False)
+    finally:
+        task._index_batches = orig
+    assert cache_file.stat().st_mtime_ns == stamp  # the features were extracted only once
+    cache = torch.load(cache_file, weights_only=True)
+    idx, v1, v2 = seen[0]
+    assert torch.all(v1 != v2) and cache["views"].shape[1] == 3
+    # the teacher codes used in training (head on cached features) are the teacher's codes of
+    # exactly the bank images fed to the student
+    with torch.no_grad():
+        full = teacher(D.prepare_batch(cache["views"][idx, v1], 16)).codes
+        cached = teacher.head_forward(cache["feats"][idx, v1].float()).codes
+    assert (full == cached).float().mean() > 0.98  # float16 feature storage may flip a bit
