@@ -14,8 +14,9 @@ Design of the frozen-backbone view cache (``<stage>.train.cache_views = V``):
   images (resized to the student's input size) and uses the teacher codes of exactly those
   views. The student therefore sees V views per image instead of fresh ones each epoch; the
   teacher codes are always codes of the views the student sees.
-* Without a cache, both networks get fresh on-the-fly views from a seeded DataLoader, and the
-  teacher encodes the student's views in the same step.
+* Without a cache, both networks get fresh on-the-fly views (keyed by seed, epoch, image and
+  view, :func:`brcd.data.view_keys`), and the teacher encodes the student's views in the same
+  step.
 
 Checkpoints (``<out_dir>``): ``teacher_{last,best_teacher}.pt``; ``teacher_masks.pt`` (teacher +
 clusters + masks, written by :func:`build_masks`); ``student_{last,best_sshp,best_ashp}.pt``

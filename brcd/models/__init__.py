@@ -130,7 +130,10 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> str:
     """
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"weights file {str(path)!r} does not exist (option: weights / --weights)")
+        raise ValueError(
+            f"weights file {str(path)!r} does not exist; pass an existing local file with "
+            f"weights=PATH (YAML <stage>.model.weights, CLI --teacher-weights / --student-weights)"
+        )
     sd = _extract_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     target = backbone.state_dict()
     if set(sd) == set(target) and all(sd[k].shape == target[k].shape for k in sd):
