@@ -309,6 +309,10 @@ void run_tasks(const SearchInput& in, const Plan& p, int64_t guess_k, Init init,
                           : pick(Simd::Scalar, in.W, masked, 1 << j);
   const int64_t ntasks = p.ngroups * p.splits;
   const int64_t maxd = 64 * in.W;
+  // Large k: register blocks of 4 queries. Candidates pass often (about k ln(N / k) per query)
+  // and every passing block pushes for all queries of its register block, so smaller blocks
+  // waste less there; the scan itself costs about the same per pair.
+  const int max_nb = guess_k >= 256 ? 4 : 8;
   std::atomic<int64_t> next{0};
   std::mutex err_mu;
   std::string err;
@@ -350,7 +354,7 @@ void run_tasks(const SearchInput& in, const Plan& p, int64_t guess_k, Init init,
           int64_t i = i0;
           while (i < i0 + cnt) {
             const int64_t left = i0 + cnt - i;
-            const int nb = left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
+            const int nb = left >= 8 && max_nb == 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
             KernelFn f = kf[nb == 8 ? 3 : nb == 4 ? 2 : nb == 2 ? 1 : 0];
             KernelArgs a{nb, in.W, qrows.data() + i, masked ? mrows.data() + i : nullptr,
                          sp.data() + i, xp, n, c0};
