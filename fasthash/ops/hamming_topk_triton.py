@@ -47,9 +47,11 @@ def _tile_distances(Q, X, MSK, rq, qmask, rn, nmask, W, stride_q, stride_x, stri
                     MASK_MODE: tl.constexpr, HW_POPC: tl.constexpr,
                     BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr):
     acc = tl.zeros([BLOCK_Q, BLOCK_N], dtype=tl.int32)
+    q_off = rq.to(tl.int64) * stride_q  # 64-bit offsets: galleries beyond 2^31 words
+    x_off = rn.to(tl.int64) * stride_x
     for w in range(0, W):
-        qw = tl.load(Q + rq * stride_q + w, mask=qmask, other=0)
-        xw = tl.load(X + rn * stride_x + w, mask=nmask, other=0)
+        qw = tl.load(Q + q_off + w, mask=qmask, other=0)
+        xw = tl.load(X + x_off + w, mask=nmask, other=0)
         d = qw[:, None] ^ xw[None, :]
         if MASK_MODE == 1:  # one global mask [W]
             d = d & tl.load(MSK + w)
