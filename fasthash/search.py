@@ -1,7 +1,8 @@
 """Exact Hamming search over packed binary codes: top-k, radius search and a persistent index.
 
 CPU inputs run on the compiled engine ``fasthash._C`` (C++17, scalar POPCNT / AVX2 /
-AVX-512 VPOPCNTDQ chosen from CPUID; ``FASTHASH_SIMD=scalar|avx2|avx512`` forces a level), with
+AVX-512 VPOPCNTDQ chosen from CPUID; ``FASTHASH_SIMD=scalar|avx2|avx512`` forces a level, and
+an unknown or unsupported value raises ``ValueError`` at the first search), with
 the GIL released and ``num_threads`` worker threads. Without ``_C`` the pure-torch reference
 (:func:`fasthash.reference.topk_ref` / :func:`~fasthash.reference.radius_ref`) runs, streamed in
 gallery blocks, after a one-time warning. CUDA tensors go to the Triton kernel
