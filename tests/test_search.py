@@ -94,6 +94,21 @@ def test_few_queries_on_multiword_codes(simd, w):
                     np.testing.assert_array_equal(i, ri[:, :k])
 
 
+@pytest.mark.parametrize("w", [2, 5])
+def test_many_queries_on_multiword_codes(simd, w):
+    """Enough query groups that the whole gallery is transposed once up front."""
+    rng = np.random.default_rng(50 + w)
+    x = tie_heavy(rng, 2003, w, few_bits=5)
+    x[1::3] = rng.integers(0, 2**64, (668, w), dtype=np.uint64)
+    q = np.concatenate([x[:30], rng.integers(0, 2**64, (37, w), dtype=np.uint64)])
+    for m in (None, rng.integers(0, 2**64, (67, w), dtype=np.uint64)):
+        rd, ri = np_topk(q, x, 2003, m)
+        for k in (3, 500):
+            d, i = fasthash.hamming_topk(q, x, k, m, num_threads=2, simd=simd)
+            np.testing.assert_array_equal(d, rd[:, :k])
+            np.testing.assert_array_equal(i, ri[:, :k])
+
+
 def test_all_zero_mask_and_edge_sizes(simd):
     rng = np.random.default_rng(4)
     x = rng.integers(0, 2**64, (100, 2), dtype=np.uint64)

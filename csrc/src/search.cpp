@@ -290,6 +290,24 @@ void split_range(const SearchInput& in, const Plan& p, int64_t s, int64_t* lo, i
   *hi = std::min(in.nx, blocks * (s + 1) / p.splits * 8);
 }
 
+// Blocks [b0, b1) of codes x[0, n) in the blocked layout [block][word][8] at dst (block b0 at
+// dst), the last block zero padded.
+void transpose_blocks(const uint64_t* x, int64_t n, int64_t W, int64_t b0, int64_t b1,
+                      uint64_t* dst) {
+  for (int64_t b = b0; b < b1; ++b) {
+    uint64_t* d = dst + (b - b0) * 8 * W;
+    const uint64_t* src = x + b * 8 * W;
+    if (b * 8 + 8 <= n) {
+      for (int64_t w = 0; w < W; ++w)
+        for (int64_t l = 0; l < 8; ++l) d[w * 8 + l] = src[l * W + w];
+    } else {
+      std::fill(d, d + 8 * W, uint64_t(0));
+      for (int64_t l = 0; b * 8 + l < n; ++l)
+        for (int64_t w = 0; w < W; ++w) d[w * 8 + l] = src[l * W + w];
+    }
+  }
+}
+
 // Runs every task. init(sel, hist) prepares a selector; done(q, split, sel) consumes it.
 // guess_k > 0 (top-k with whole-gallery tasks) enables the sampled starting limit below.
 template <class Init, class Done>
@@ -313,6 +331,20 @@ void run_tasks(const SearchInput& in, const Plan& p, int64_t guess_k, Init init,
   // and every passing block pushes for all queries of its register block, so smaller blocks
   // waste less there; the scan itself costs about the same per pair.
   const int max_nb = guess_k >= 256 ? 4 : 8;
+  // Many tasks of >= 4 queries over a multi-word gallery of <= 256 MiB: transpose the gallery
+  // once (in parallel) rather than every chunk once per task.
+  std::vector<uint64_t> whole;
+  if (simd_layout && in.W > 1 && ntasks >= 4 && p.group >= 4 &&
+      in.nx * in.W * 8 <= (int64_t(256) << 20)) {
+    const int64_t nblocks = (in.nx + 7) / 8, step = 2048;
+    whole.resize(static_cast<size_t>(nblocks * 8 * in.W));
+    std::atomic<int64_t> nb{0};
+    Pool::get().run(p.threads, [&](int) {
+      for (int64_t b; (b = nb.fetch_add(step)) < nblocks;)
+        transpose_blocks(in.x, in.nx, in.W, b, std::min(nblocks, b + step),
+                         whole.data() + b * 8 * in.W);
+    });
+  }
   std::atomic<int64_t> next{0};
   std::mutex err_mu;
   std::string err;
@@ -333,23 +365,11 @@ void run_tasks(const SearchInput& in, const Plan& p, int64_t guess_k, Init init,
         for (int64_t c0 = lo; c0 < hi; c0 += p.chunk) {
           const int64_t n = std::min(p.chunk, hi - c0);
           const uint64_t* xp = in.x + c0 * in.W;
-          if (blocked_kernels && (in.W > 1 || n % 8 != 0)) {
-            // blocked layout [block][word][8], zero padded to a whole block
-            const int64_t W = in.W, full = n / 8;
-            uint64_t* dst = blocked.data();
-            for (int64_t b = 0; b < full; ++b) {
-              const uint64_t* src = xp + b * 8 * W;
-              uint64_t* d = dst + b * 8 * W;
-              for (int64_t w = 0; w < W; ++w)
-                for (int64_t l = 0; l < 8; ++l) d[w * 8 + l] = src[l * W + w];
-            }
-            if (full * 8 < n) {
-              uint64_t* d = dst + full * 8 * W;
-              std::fill(d, d + 8 * W, uint64_t(0));
-              for (int64_t l = 0; full * 8 + l < n; ++l)
-                for (int64_t w = 0; w < W; ++w) d[w * 8 + l] = xp[(full * 8 + l) * W + w];
-            }
-            xp = dst;
+          if (blocked_kernels && !whole.empty()) {
+            xp = whole.data() + c0 * in.W;  // c0 is a multiple of 8: block c0 / 8
+          } else if (blocked_kernels && (in.W > 1 || n % 8 != 0)) {
+            transpose_blocks(xp, n, in.W, 0, (n + 7) / 8, blocked.data());
+            xp = blocked.data();
           }
           int64_t i = i0;
           while (i < i0 + cnt) {
