@@ -179,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "evaluate":
             res = task.evaluate(cfg, student=args.student, teacher=args.teacher,
                                 progress=progress, with_teacher=not args.sshp_only)
+            print(json.dumps(res))
             if args.json_out:
                 Path(args.json_out).write_text(json.dumps(res, indent=2))
         elif args.cmd == "encode":

@@ -534,6 +534,7 @@ def evaluate(cfg: Config, student: str | Path | None = None, teacher: str | Path
     device = _setup(cfg)
     log = _log(progress)
     splits = D.make_splits(cfg.data, cfg.seed)
+    log(splits.summary())
     vs = cfg.data.view_size
     res: dict[str, float] = {}
     sq = None
@@ -559,5 +560,4 @@ def evaluate(cfg: Config, student: str | Path | None = None, teacher: str | Path
                                         cfg.topk)
     if not res:
         raise ValueError("evaluate needs a student and/or a teacher checkpoint")
-    log(json.dumps(res))
     return res
