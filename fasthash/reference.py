@@ -344,6 +344,7 @@ def brcd_loss_ref(
     aug_cluster_ids: torch.Tensor | None = None,
     alpha: float = 0.8,
     temperature: float = 0.3,
+    reduction: str = "mean",
 ) -> torch.Tensor:
     r"""The BRCD distillation term (BRCD_SPEC §3-5), mean over the 2B rows.
 
@@ -369,12 +370,13 @@ def brcd_loss_ref(
         cluster_ids: c, int64 in [0, C). aug_cluster_ids: ĉ (nearest centroid of the UNMASKED
             t'), or None (= cluster_ids: no offset positives, teacher columns use c).
         alpha: weight of the individual-space positive, in [0, 1]. temperature: tau > 0.
+        reduction: ``"mean"`` (the loss), ``"sum"``, or ``"none"`` (the 2B per-row losses).
 
     Shape:
-        student, teachers ``[B, L]``; mask_table ``[C, L]``; ids ``[B]`` -> scalar.
+        student, teachers ``[B, L]``; mask_table ``[C, L]``; ids ``[B]`` -> scalar (or ``[2B]``).
 
     Returns:
-        the mean BRCD loss (a 0-dim tensor).
+        the BRCD loss reduced as asked.
 
     Example:
         >>> s = torch.tensor([[1., -1.], [-1., 1.]]); brcd_loss_ref(s, s, s).item() < 0.1
@@ -390,6 +392,8 @@ def brcd_loss_ref(
         if v.shape[0] != bsz:
             raise ValueError(f"{name} must have B = {bsz} rows like student, got {v.shape[0]}")
     _check_temperature(temperature)
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     if not (isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0):
         raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
 
@@ -437,7 +441,17 @@ def brcd_loss_ref(
         keep &= row_cluster[:, None] != col_cluster[None, :]
     neg = g.masked_fill(~keep, float("-inf"))
     lse = torch.logsumexp(torch.cat([pos2[:, None], neg], dim=1), dim=1)
-    return (lse - pos2).mean()
+    return _reduce(lse - pos2, reduction)
+
+
+def _reduce(rows: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "mean":
+        return rows.mean()
+    if reduction == "sum":
+        return rows.sum()
+    if reduction == "none":
+        return rows
+    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
 
 
 def _check_ids(ids, name: str, bsz: int, mask_table: torch.Tensor | None):

@@ -181,7 +181,7 @@ def test_brcd_loss(triton_route, bsz, length, masks, clusters, tau, alpha, reduc
 
     sr = s.clone().requires_grad_()
     if reduction == "none":  # per-row losses: the reference via its mean is not enough
-        want_rows = _brcd_rows_ref(sr, t, t2, **kw)
+        want_rows = ref.brcd_loss_ref(sr, t, t2, reduction="none", **kw)
         w = torch.rand(2 * bsz, generator=g, dtype=torch.float64)
         (gs_want,) = torch.autograd.grad((want_rows * w).sum(), sr)
         want = want_rows.detach()
@@ -207,42 +207,6 @@ def test_brcd_loss(triton_route, bsz, length, masks, clusters, tau, alpha, reduc
     else:
         (gs,) = torch.autograd.grad(got * 1.7, sf)
     _assert_grad(gs, gs_want, "d student", _tau_scale(tau))
-
-
-def _brcd_rows_ref(s, t, t2, **kw):
-    """Per-row float64 losses for reduction="none" (brcd_loss_ref returns only the mean): built
-    from the reference's own pieces (masked_similarity_ref) and anchored by asserting that
-    their mean equals brcd_loss_ref."""
-    bsz = s.shape[0]
-    tau = kw["temperature"]
-    table, c, ca, alpha = kw["mask_table"], kw["cluster_ids"], kw["aug_cluster_ids"], kw["alpha"]
-    if table is None:
-        m = torch.ones_like(s)
-    elif c is None:
-        m = table[:1].expand_as(s)
-    else:
-        m = table[c]
-    if c is not None and ca is None:
-        ca = c
-    z = torch.cat([m * s, m * t2])
-    gmat = ref.masked_similarity_ref(z, z) / tau
-    a_ind = torch.diagonal(ref.masked_similarity_ref(s, t)) / tau
-    rows = torch.arange(bsz)
-    alpha_k = torch.full((bsz,), float(alpha), dtype=s.dtype)
-    if c is not None:
-        alpha_k = torch.where(ca != c, torch.ones_like(alpha_k), alpha_k)
-    pos = alpha_k * a_ind + (1 - alpha_k) * gmat[rows, rows + bsz]
-    pos2 = torch.cat([pos, pos])
-    idx = torch.arange(2 * bsz)
-    keep = torch.ones(2 * bsz, 2 * bsz, dtype=torch.bool)
-    keep[idx, idx] = False
-    keep[idx, (idx + bsz) % (2 * bsz)] = False
-    if c is not None:
-        keep &= torch.cat([c, c])[:, None] != torch.cat([c, ca])[None, :]
-    neg = gmat.masked_fill(~keep, float("-inf"))
-    rows_loss = torch.logsumexp(torch.cat([pos2[:, None], neg], 1), 1) - pos2
-    torch.testing.assert_close(rows_loss.mean(), ref.brcd_loss_ref(s, t, t2, **kw))
-    return rows_loss
 
 
 @pytest.mark.parametrize("bsz,length,tau,noncontig", [

@@ -208,8 +208,8 @@ def test_bernoulli_kl_matches_loop_and_stops_gradient():
     torch.testing.assert_close(p1.grad, g1.detach())
 
 
-def _loop_brcd(s, t, t2, table, c, c_aug, alpha, tau):
-    """BRCD_SPEC §3-5 written out per row and per column."""
+def _loop_brcd(s, t, t2, table, c, c_aug, alpha, tau, per_row=False):
+    """BRCD_SPEC §3-5 written out per row and per column (the mean, or the 2B row losses)."""
     bsz, length = s.shape
     ones = [1.0] * length
     m = [table[c[k]].tolist() if table is not None else ones for k in range(bsz)]
@@ -232,7 +232,7 @@ def _loop_brcd(s, t, t2, table, c, c_aug, alpha, tau):
         ind = cos(s[k].tolist(), t[k].tolist()) / tau
         struct = sim(z[k], z[bsz + k], rows_m[k], rows_m[bsz + k]) / tau
         pos.append(a_k * ind + (1 - a_k) * struct)
-    total = 0.0
+    rows = []
     for a in range(2 * bsz):
         k = a % bsz
         terms = [pos[k]]
@@ -245,8 +245,8 @@ def _loop_brcd(s, t, t2, table, c, c_aug, alpha, tau):
                     continue
             terms.append(sim(z[a], z[b], rows_m[a], rows_m[b]) / tau)
         mx = max(terms)
-        total += -pos[k] + mx + math.log(sum(math.exp(v - mx) for v in terms))
-    return total / (2 * bsz)
+        rows.append(-pos[k] + mx + math.log(sum(math.exp(v - mx) for v in terms)))
+    return rows if per_row else sum(rows) / (2 * bsz)
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.8, 1.0])
@@ -266,6 +266,20 @@ def test_brcd_loss_matches_loop_with_clusters(alpha, relaxed):
     got = R.brcd_loss_ref(s, t, t2, table, c, c_aug, alpha, 0.3)
     want = _loop_brcd(s, t, t2, table, c.tolist(), c_aug.tolist(), alpha, 0.3)
     assert got.item() == pytest.approx(want, rel=1e-10)
+
+
+def test_brcd_reductions_match_loop_rows():
+    rng = np.random.default_rng(12)
+    s, t, t2 = (_pm(rng, 4, 10) for _ in range(3))
+    table = _bits(rng, 2, 10, 0.7)
+    c, c_aug = torch.tensor([0, 1, 1, 0]), torch.tensor([0, 1, 0, 0])
+    rows = R.brcd_loss_ref(s, t, t2, table, c, c_aug, 0.8, 0.3, reduction="none")
+    want = _loop_brcd(s, t, t2, table, c.tolist(), c_aug.tolist(), 0.8, 0.3, per_row=True)
+    np.testing.assert_allclose(rows.numpy(), want, rtol=1e-10)
+    total = R.brcd_loss_ref(s, t, t2, table, c, c_aug, 0.8, 0.3, reduction="sum")
+    assert total.item() == pytest.approx(sum(want), rel=1e-10)
+    with pytest.raises(ValueError, match="reduction"):
+        R.brcd_loss_ref(s, t, t2, reduction="avg")
 
 
 def test_brcd_without_clusters_matches_loop():
