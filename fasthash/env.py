@@ -60,7 +60,11 @@ def backend_info() -> dict:
         kernels = "not used on CPU: blocked torch paths"
     simd = None
     if fasthash.HAS_C:
-        simd = fasthash._C.simd_level()
+        try:
+            simd = fasthash._C.simd_level()
+        except ValueError as e:  # an invalid FASTHASH_SIMD: report it rather than fail the report
+            simd = f"invalid: {e}"
+
     return {
         "fasthash": fasthash.__version__,
         "python": platform.python_version(),

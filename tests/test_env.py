@@ -51,7 +51,7 @@ def test_backend_info_reports_versions_and_paths():
         assert key in info
     assert info["c_extension"] is fasthash.HAS_C
     if fasthash.HAS_C:
-        assert info["simd_level"] in {"scalar", "avx2", "avx512"}
+        assert info["simd_level"] in {"scalar", "avx2", "avx512"}, info["simd_level"]
     assert isinstance(info["triton_kernels"], str) and info["triton_kernels"]
 
 
@@ -72,3 +72,16 @@ def test_unknown_attribute_is_an_attribute_error():
         assert "no_such_thing" in str(e)
     else:
         raise AssertionError("expected AttributeError")
+
+
+def test_invalid_simd_override_is_reported_not_hidden():
+    import os
+
+    env = dict(os.environ, FASTHASH_SIMD="bogus")
+    out = subprocess.run(
+        [sys.executable, "-m", "fasthash.env"], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert out.returncode == 0, out.stderr
+    level = json.loads(out.stdout)["simd_level"]
+    if fasthash.HAS_C:
+        assert level.startswith("invalid") and "FASTHASH_SIMD" in level
