@@ -102,6 +102,7 @@ def test_view_cache_extraction_respects_options(tmp_path):
             **SMALL, "out_dir": str(tmp_path / autocast), "teacher.model.freeze_backbone": True,
             "teacher.train.cache_views": 2, "teacher.train.autocast": autocast,
             "teacher.train.channels_last": cl})
+        torch.manual_seed(0)  # the same random (not pretrained) tiny backbone both times
         with conv_spy() as rec:
             cache = task.view_cache(cfg, log=lambda *a: None)
         want = torch.bfloat16 if autocast == "bf16" else torch.float32
@@ -115,7 +116,8 @@ def test_view_cache_extraction_respects_options(tmp_path):
     assert torch.equal(feats["none"][0], feats["bf16"][0])  # same bank views
     f32, b16 = feats["none"][1].float(), feats["bf16"][1].float()
     assert not torch.equal(f32, b16)
-    torch.testing.assert_close(b16, f32, atol=0.05, rtol=0.05)
+    # bf16 keeps ~3 significant digits: small errors relative to the feature scale
+    assert (b16 - f32).abs().max() <= 0.05 * f32.abs().max()
     bad = load_config("digits", {**SMALL, "out_dir": str(tmp_path / "x")})
     with pytest.raises(ValueError, match="cache_views"):
         task.view_cache(bad)
