@@ -80,11 +80,17 @@ class TrainConfig:
     cosine: bool = False
     grad_clip: float | None = 5.0
     amp: bool = True  # only takes effect on CUDA
+    # CPU precision of the backbone features: "none" (float32) | "bf16" (bf16 autocast around
+    # the backbone, float32 features out; CUDA keeps ``amp``). Applies to this stage's model
+    # wherever it is built and, for the teacher, to the view-cache feature extraction.
+    autocast: str = "none"
     compile: bool = False
     eval_every: int = 1  # epochs; 0 disables validation
     cache_views: int = 0  # >0: precompute frozen-backbone features of this many views per image
     steps_per_epoch: int | None = None  # None = one pass over the training subset
-    channels_last: bool = False  # channels-last inputs/weights (faster CPU/GPU convolutions)
+    # channels-last inputs/weights (faster CPU/GPU convolutions); the teacher's setting also
+    # applies to the view-cache feature extraction
+    channels_last: bool = False
     keep_epochs: bool = False  # also keep <tag>_epoch<N>.pt for every epoch (else only last/best)
 
 
@@ -180,6 +186,10 @@ class Config:
                 raise ValueError(
                     "teacher.train.cache_views needs teacher.model.freeze_backbone: true "
                     "(cached features are only valid for a frozen backbone)"
+                )
+            if s.train.autocast not in ("none", "bf16"):
+                raise ValueError(
+                    f"{stage}.train.autocast must be 'none' or 'bf16', got {s.train.autocast!r}"
                 )
             if s.model.head not in ("linear", "mlp"):
                 raise ValueError(

@@ -186,74 +186,14 @@ def _cpu_has_bf16() -> bool:
     return " amx_bf16" in flags or " avx512_bf16" in flags
 
 
-@contextmanager
-def _channels_last_inputs(enabled: bool = True):
-    """Demo glue: channels-last inputs for the view-cache feature extraction in
-    :mod:`brcd.task` (1.5-2x faster CPU convolutions; ``train.channels_last`` covers training
-    but not this extraction). Process-local, undone on exit."""
-    from . import data as D
-
-    orig = D.prepare_batch
-
-    def prepare_batch(x, size, device=None, channels_last=enabled):
-        return orig(x, size, device, channels_last=channels_last)
-
-    D.prepare_batch = prepare_batch
-    try:
-        yield
-    finally:
-        D.prepare_batch = orig
-
-
-def _bf16_features(model) -> None:
-    """Run this one model's backbone under CPU bf16 autocast (AMX), returning float32 features:
-    an instance attribute, so the state dict, the head and the losses stay float32. (The
-    trainer's AMP covers CUDA only.)"""
-    plain = model.features
-
-    def features(x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            return plain(x).float()
-
-    model.features = features
-
-
-@contextmanager
-def _bf16_student(enabled: bool):
-    """Demo glue around :func:`brcd.task.distill`: the student's backbone under CPU bf16
-    autocast (:func:`_bf16_features`, ~2x faster steps with AMX), until the trainer's AMP covers
-    CPUs. Wraps ``task._build``, through which distill() builds only the student; used only in
-    the demo's worker processes and undone on exit."""
-    from . import task
-
-    orig = task._build
-
-    def build(mc, bits):
-        model = orig(mc, bits)
-        if enabled:
-            _bf16_features(model)
-        return model
-
-    task._build = build
-    try:
-        yield
-    finally:
-        task._build = orig
-
-
 def _prebuild_view_cache(cfg, splits, bf16: bool, log) -> None:
-    """Build the shared view cache with the frozen teacher backbone under bf16 autocast (the
-    cache stores float16 features either way); :func:`brcd.task.train_teacher` then finds it.
-    The autocast is applied to this one model instance's ``features`` only."""
+    """Build the shared view cache with the frozen teacher backbone, channels-last and (when
+    ``bf16``) under bf16 autocast (the cache stores float16 features either way, and its key
+    ignores these options); :func:`brcd.task.train_teacher` then finds it."""
     from . import task
 
-    mc = cfg.teacher.model
-    model = task._build(mc, cfg.bits)
-    if bf16:
-        _bf16_features(model)
-    with _channels_last_inputs():
-        task._view_cache(cfg, model, mc, cfg.teacher.train.cache_views, splits,
-                         torch.device("cpu"), log)
+    task.view_cache(_with(cfg, {"teacher.train.autocast": "bf16" if bf16 else "none",
+                                "teacher.train.channels_last": True}), splits, log)
 
 
 def _clone(cfg, **changes):
@@ -261,6 +201,20 @@ def _clone(cfg, **changes):
 
     d = config_to_dict(cfg)
     d.update(changes)
+    return config_from_dict(d)
+
+
+def _with(cfg, dotted: dict[str, Any]):
+    """A copy of ``cfg`` with dotted overrides, e.g. ``{"student.train.autocast": "bf16"}``."""
+    from .config import config_from_dict, config_to_dict
+
+    d = config_to_dict(cfg)
+    for key, value in dotted.items():
+        *parents, leaf = key.split(".")
+        node = d
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
     return config_from_dict(d)
 
 
@@ -338,8 +292,9 @@ def _student_job(job: dict) -> dict:
     for old in out.glob("student_*"):
         old.unlink()  # a rerun starts afresh (the trainer appends to its metrics log)
     t0 = time.perf_counter()
-    with _bf16_student(job["bf16"]):
-        task.distill(cfg, teacher=job["teacher"], progress=job["progress"])
+    # the student's backbone runs under bf16 autocast when its config says
+    # student.train.autocast: bf16 (set by run() where the CPU has native bf16)
+    task.distill(cfg, teacher=job["teacher"], progress=job["progress"])
     train_s = time.perf_counter() - t0
     ev = torch.load(job["eval_views"], weights_only=True)
     res: dict[str, Any] = {"job": {k: job[k] for k in ("bits", "method", "seed")},
@@ -691,8 +646,7 @@ def run(args: argparse.Namespace) -> dict:
         for b in args.bits:
             tmodel, tspec = task.load_model(teachers[b], b)
             if feats is None:  # the frozen backbone is shared by every code length
-                if bf16:
-                    _bf16_features(tmodel)
+                tmodel.set_autocast("bf16" if bf16 else "none")
                 feats = {s: _encode_views(tmodel, ev[s], tspec["image_size"], 256,
                                           features=True) for s in ev}
             with torch.no_grad():
@@ -705,13 +659,14 @@ def run(args: argparse.Namespace) -> dict:
             for seed in range(args.seeds if b == args.main_bits else 1):
                 sdir = work / f"b{b}" / f"{meth}-s{seed}"
                 _link_cache(sdir, cache_dir)
-                cfg_s = _clone(base, bits=b, out_dir=str(sdir),
-                               distill={**base.distill.__dict__, "method": meth, "seed": seed})
+                cfg_s = _with(base, {"bits": b, "out_dir": str(sdir), "distill.method": meth,
+                                     "distill.seed": seed,
+                                     "student.train.autocast": "bf16" if bf16 else "none"})
                 from .config import config_to_dict
 
                 jobs.append({"bits": b, "method": meth, "seed": seed,
                              "config": config_to_dict(cfg_s), "teacher": str(teachers[b]),
-                             "eval_views": str(ev_path), "threads": 1, "bf16": bf16,
+                             "eval_views": str(ev_path), "threads": 1,
                              "device": args.device})
     with log.phase(f"students ({len(jobs)} runs, {args.workers} worker(s))"):
         results = _run_students(jobs, args.workers, log)
@@ -773,8 +728,8 @@ def run(args: argparse.Namespace) -> dict:
             masks = ClusterMasks.from_dict(ck["masks"])
             tmodel, tspec = task.load_model(ck, b)
             cfg_b = _clone(base, bits=b, out_dir=str(work / f"b{b}" / "teacher"))
-            cache = task._view_cache(cfg_b, tmodel, task._teacher_model_config(cfg_b, tspec),
-                                     args.views, splits, torch.device("cpu"), lambda *_: None)
+            # the cache the teachers were trained on (built in phase 1, loaded here)
+            cache = task.view_cache(cfg_b, splits, lambda *_: None, teacher=ck)
             n, v, dim = cache.feats.shape
             with torch.no_grad():
                 vcodes = tmodel.head_forward(cache.feats.reshape(-1, dim).float()).codes

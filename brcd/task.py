@@ -7,6 +7,9 @@ Design of the frozen-backbone view cache (``<stage>.train.cache_views = V``):
   teacher backbone encodes every bank view once; the features (float16) and the bank are kept in
   ``<out_dir>/cache/`` under a key of everything that determines them, so teacher training,
   mask building and distillation extract them only once.
+  The extraction (:func:`view_cache`) runs under ``teacher.train.autocast`` (``"bf16"``: CPU
+  bf16 autocast, float32 features out) with ``teacher.train.channels_last`` inputs; the key
+  leaves both out, so a cache extracted under bf16 serves float32 runs too.
 * Teacher training with a cache trains the head only: each step takes two distinct random bank
   views per image.
 * Distillation with a cache precomputes the (fully frozen) teacher's codes of every bank view.
@@ -61,6 +64,9 @@ __all__ = [
     "load_model",
     "resolve_device",
     "retrieval_map",
+    "view_cache",
+    "teacher_model_config",
+    "ViewCache",
 ]
 
 
@@ -84,9 +90,11 @@ def _model_spec(mc: ModelConfig, bits: int) -> dict[str, Any]:
             "freeze_backbone": mc.freeze_backbone, "image_size": mc.image_size}
 
 
-def _build(mc: ModelConfig, bits: int) -> HashModel:
-    return create_model(mc.name, bits, pretrained=mc.pretrained, weights=mc.weights,
-                        freeze_backbone=mc.freeze_backbone, head=mc.head, hidden=mc.hidden)
+def _build(mc: ModelConfig, bits: int, autocast: str = "none") -> HashModel:
+    """A fresh model of ``mc``; ``autocast`` is the stage's ``train.autocast``."""
+    model = create_model(mc.name, bits, pretrained=mc.pretrained, weights=mc.weights,
+                         freeze_backbone=mc.freeze_backbone, head=mc.head, hidden=mc.hidden)
+    return model.set_autocast(autocast)
 
 
 def load_model(ckpt: str | Path | dict, bits: int | None = None) -> tuple[HashModel, dict]:
@@ -163,6 +171,9 @@ class ViewCache:
 
 
 def _cache_key(cfg: Config, mc: ModelConfig, n_views: int, train_idx: np.ndarray) -> str:
+    # The key leaves out teacher.train.autocast / channels_last on purpose: the cache stores
+    # float16 features either way, and a cache extracted under bf16 (the demo's prebuild) is
+    # the one the float32 runs that follow must find.
     blob = json.dumps({
         "data": config_to_dict(cfg)["data"] | {"num_workers": 0}, "seed": cfg.seed,
         "model": mc.name, "weights": str(mc.weights), "pretrained": mc.pretrained,
@@ -172,15 +183,25 @@ def _cache_key(cfg: Config, mc: ModelConfig, n_views: int, train_idx: np.ndarray
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
+def _cache_path(cfg: Config, mc: ModelConfig, n_views: int, splits: D.Splits) -> Path:
+    key = _cache_key(cfg, mc, n_views, splits.train_indices)
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.out_dir) / "cache"
+    return cache_dir / f"views_{key}.pt"
+
+
+def _load_cache(path: Path, log) -> ViewCache:
+    log(f"view cache: loading {path}")
+    return ViewCache(**torch.load(path, map_location="cpu", weights_only=True))
+
+
 @torch.no_grad()
 def _view_cache(cfg: Config, model: HashModel, mc: ModelConfig, n_views: int,
                 splits: D.Splits, device: torch.device, log) -> ViewCache:
-    key = _cache_key(cfg, mc, n_views, splits.train_indices)
-    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.out_dir) / "cache"
-    path = cache_dir / f"views_{key}.pt"
+    """Load the cache, or make the bank and extract its features with ``model`` (the teacher
+    backbone) under ``cfg.teacher.train``'s ``autocast`` and ``channels_last`` inputs."""
+    path = _cache_path(cfg, mc, n_views, splits)
     if path.is_file():
-        log(f"view cache: loading {path}")
-        return ViewCache(**torch.load(path, map_location="cpu", weights_only=True))
+        return _load_cache(path, log)
     import time
 
     t0 = time.perf_counter()
@@ -189,25 +210,85 @@ def _view_cache(cfg: Config, model: HashModel, mc: ModelConfig, n_views: int,
     t1 = time.perf_counter()
     n, v = views.shape[:2]
     flat = views.reshape(n * v, *views.shape[2:])
-    model.eval()
+    tc = cfg.teacher.train
+    was_training, was_autocast = model.training, model.autocast
+    model.eval().set_autocast(tc.autocast)
 
     def feats_of(x: torch.Tensor, bar) -> torch.Tensor:
         out = []
         for i in range(0, len(x), 256):
-            xb = D.prepare_batch(x[i:i + 256], mc.image_size, device)
+            xb = D.prepare_batch(x[i:i + 256], mc.image_size, device, tc.channels_last)
             out.append(model.features(xb).to(torch.float16).cpu())
             bar.update(len(xb))
         return torch.cat(out)
 
-    with tqdm(total=len(flat) + len(det), desc="backbone features", unit="img",
-              disable=log is not print, leave=False, dynamic_ncols=True) as bar:
-        feats = feats_of(flat, bar).reshape(n, v, -1)
-        det_feats = feats_of(det, bar)
+    try:
+        with tqdm(total=len(flat) + len(det), desc="backbone features", unit="img",
+                  disable=log is not print, leave=False, dynamic_ncols=True) as bar:
+            feats = feats_of(flat, bar).reshape(n, v, -1)
+            det_feats = feats_of(det, bar)
+    finally:  # the model may be a loaded teacher that the caller keeps using as it was
+        model.train(was_training).set_autocast(was_autocast)
     log(f"view cache: {n} images x {v} views made in {t1 - t0:.1f}s, features "
         f"{tuple(feats.shape)} extracted in {time.perf_counter() - t1:.1f}s")
     cache = ViewCache(views, det, feats, det_feats)
     save_checkpoint(cache.__dict__, path)
     return cache
+
+
+def view_cache(cfg: Config, splits: D.Splits | None = None, log=print,
+               teacher: str | Path | dict | None = None) -> ViewCache:
+    """Load or build the frozen-teacher-backbone view cache of ``cfg`` (see module docstring).
+
+    Builds nothing when ``<cache_dir or out_dir/cache>/views_<key>.pt`` exists. Otherwise makes
+    ``cfg.teacher.train.cache_views`` augmented views per training image and extracts their
+    features with the teacher backbone under ``teacher.train.autocast`` and
+    ``teacher.train.channels_last``. :func:`train_teacher`, :func:`build_masks` and
+    :func:`distill` of the same data/seed/teacher backbone then reuse it.
+
+    Args:
+        cfg: run config; needs ``teacher.model.freeze_backbone`` and
+            ``teacher.train.cache_views >= 2``.
+        splits: ``brcd.data.make_splits(cfg.data, cfg.seed)`` when None.
+        log: progress printer (``print`` also shows a tqdm bar).
+        teacher: a teacher checkpoint (path or loaded dict) whose backbone to use; default a
+            fresh ``cfg.teacher.model`` backbone (its pretrained weights).
+
+    Shape:
+        views ``[N, V, 3, S, S]`` uint8, det ``[N, 3, S, S]`` uint8, feats ``[N, V, D]`` float16,
+        det_feats ``[N, D]`` float16 (S = ``data.view_size``, N training images).
+
+    Returns:
+        the :class:`ViewCache` (on the CPU).
+
+    Example:
+        >>> cfg = load_config("fashion-mnist", {"out_dir": "runs/x"})  # doctest: +SKIP
+        >>> cache = view_cache(cfg)  # doctest: +SKIP
+        >>> cache.feats.shape  # doctest: +SKIP
+        torch.Size([5000, 8, 1280])
+    """
+    device = _setup(cfg)
+    nv = cfg.teacher.train.cache_views
+    if nv < 2:
+        raise ValueError(f"view_cache needs teacher.train.cache_views >= 2, got {nv}")
+    if splits is None:
+        splits = D.make_splits(cfg.data, cfg.seed)
+    ckpt = None
+    if teacher is not None:
+        ckpt = load_checkpoint(teacher) if not isinstance(teacher, dict) else teacher
+        if not ckpt["spec"]["freeze_backbone"]:
+            raise ValueError("teacher: the view cache needs a teacher with a frozen backbone")
+        mc = teacher_model_config(cfg, ckpt["spec"])
+    else:
+        if not cfg.teacher.model.freeze_backbone:
+            raise ValueError("view_cache needs teacher.model.freeze_backbone: true")
+        mc = cfg.teacher.model
+    path = _cache_path(cfg, mc, nv, splits)
+    if path.is_file():  # no backbone to build
+        return _load_cache(path, log)
+    model = (load_model(ckpt, cfg.bits)[0] if ckpt is not None
+             else _build(mc, cfg.bits, cfg.teacher.train.autocast))
+    return _view_cache(cfg, model.to(device), mc, nv, splits, device, log)
 
 
 def _pair_views(n_views: int, size: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -267,7 +348,7 @@ def train_teacher(cfg: Config, resume: str | Path | None = None, progress: bool 
     st = cfg.teacher
     splits = D.make_splits(cfg.data, cfg.seed)
     log(splits.summary())
-    model = _build(st.model, cfg.bits).to(device)
+    model = _build(st.model, cfg.bits, st.train.autocast).to(device)
     n, bs, nv = len(splits.train), st.train.batch_size, st.train.cache_views
     _check_bs(n, bs, "teacher")
     size = st.model.image_size
@@ -355,16 +436,29 @@ def _default_teacher(out: Path) -> Path:
                      f"--teacher PATH")
 
 
-def _teacher_model_config(cfg: Config, spec: dict) -> ModelConfig:
-    mc = ModelConfig(**{**cfg.teacher.model.__dict__, "name": spec["name"],
-                        "image_size": spec["image_size"]})
-    return mc
+def teacher_model_config(cfg: Config, spec: dict) -> ModelConfig:
+    """The teacher :class:`ModelConfig` of a trained teacher: ``cfg.teacher.model`` with the
+    checkpoint's backbone name and input size (what keys its view cache).
+
+    Args:
+        cfg: run config. spec: the checkpoint's ``"spec"`` (from :func:`load_model`).
+
+    Returns:
+        a new :class:`ModelConfig`.
+
+    Example:
+        >>> _, spec = load_model("runs/brcd/teacher_masks.pt")  # doctest: +SKIP
+        >>> teacher_model_config(cfg, spec).image_size  # doctest: +SKIP
+        64
+    """
+    return ModelConfig(**{**cfg.teacher.model.__dict__, "name": spec["name"],
+                          "image_size": spec["image_size"]})
 
 
 def _teacher_train_codes(cfg, model, spec, splits, device, log) -> torch.Tensor:
     nv = cfg.teacher.train.cache_views
     if nv and spec["freeze_backbone"]:
-        cache = _view_cache(cfg, model, _teacher_model_config(cfg, spec), nv, splits, device, log)
+        cache = _view_cache(cfg, model, teacher_model_config(cfg, spec), nv, splits, device, log)
         return _head_codes(model, cache.det_feats, device)
     return encode_images(model, splits.train, cfg.data.view_size, spec["image_size"], device)
 
@@ -414,7 +508,7 @@ def distill(cfg: Config, teacher: str | Path | None = None, resume: str | Path |
     # the split, view bank and teacher stay those of cfg.seed.
     sseed = cfg.seed if dc.seed is None else int(dc.seed)
     seed_everything(sseed)
-    student = _build(st.model, cfg.bits).to(device)
+    student = _build(st.model, cfg.bits, st.train.autocast).to(device)
     cl = st.train.channels_last
     if cl:
         student.to(memory_format=torch.channels_last)
@@ -431,7 +525,7 @@ def distill(cfg: Config, teacher: str | Path | None = None, resume: str | Path |
     if nv and not use_bank and tmodel is not None:
         log("note: student.train.cache_views is ignored (the teacher backbone is not frozen)")
     if use_bank:
-        cache = _view_cache(cfg, tmodel, _teacher_model_config(cfg, tspec), nv, splits, device, log)
+        cache = _view_cache(cfg, tmodel, teacher_model_config(cfg, tspec), nv, splits, device, log)
         tcodes = _head_codes(tmodel, cache.feats.reshape(-1, cache.feats.shape[-1]), device)
         tcodes = tcodes.reshape(n, nv, -1)
 

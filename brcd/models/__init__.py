@@ -31,7 +31,11 @@ __all__ = [
     "load_backbone_weights",
     "wheel_weights_path",
     "count_parameters",
+    "AUTOCAST_MODES",
 ]
+
+# HashModel.set_autocast / <stage>.train.autocast values
+AUTOCAST_MODES = ("none", "bf16")
 
 
 @dataclass
@@ -162,6 +166,11 @@ class HashModel(nn.Module):
 
     A frozen backbone has ``requires_grad=False`` and stays in eval mode whatever ``train()``
     is called with (no BatchNorm drift, BRCD_SPEC §8.4).
+
+    ``autocast`` (:meth:`set_autocast`, default ``"none"``): with ``"bf16"``, :meth:`features`
+    runs the backbone under CPU bf16 autocast and returns float32 features, so the head, the
+    losses and the state dict stay float32. It acts on CPU inputs only (CUDA keeps the
+    trainer's AMP) and is a plain attribute, not part of the state dict or the checkpoint.
     """
 
     def __init__(
@@ -183,6 +192,27 @@ class HashModel(nn.Module):
             for p in self.backbone.parameters():
                 p.requires_grad_(False)
             self.backbone.eval()
+        self.autocast = "none"
+
+    def set_autocast(self, mode: str) -> HashModel:
+        """Precision of :meth:`features` on CPU: ``"none"`` (float32) or ``"bf16"``.
+
+        Args:
+            mode: ``"none"`` or ``"bf16"`` (bf16 autocast around the backbone, float32 out;
+                ~2x faster convolutions on CPUs with AMX / AVX512-BF16).
+
+        Returns:
+            self.
+
+        Example:
+            >>> m = create_model("tiny-cnn", 16).set_autocast("bf16")
+            >>> m.features(torch.zeros(2, 3, 16, 16)).dtype
+            torch.float32
+        """
+        if mode not in AUTOCAST_MODES:
+            raise ValueError(f"autocast must be one of {AUTOCAST_MODES}, got {mode!r}")
+        self.autocast = mode
+        return self
 
     def train(self, mode: bool = True) -> HashModel:
         super().train(mode)
@@ -191,7 +221,14 @@ class HashModel(nn.Module):
         return self
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Backbone features [B, D] (no gradient when the backbone is frozen)."""
+        """Backbone features [B, D] (no gradient when the backbone is frozen); float32 also
+        under ``autocast="bf16"`` (see :meth:`set_autocast`)."""
+        if self.autocast == "bf16" and x.device.type == "cpu":
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return self._backbone_features(x).float()
+        return self._backbone_features(x)
+
+    def _backbone_features(self, x: torch.Tensor) -> torch.Tensor:
         if self.freeze_backbone:
             with torch.no_grad():
                 return self.backbone(x)
