@@ -197,29 +197,51 @@ def unpack_codes(words: ArrayLike, bits: int) -> ArrayLike:
     raise TypeError(f"words must be a numpy array or torch tensor, got {type(words).__name__}")
 
 
-def as_words_numpy(words: ArrayLike, name: str = "words") -> np.ndarray:
-    """View packed words as a C-contiguous ``np.uint64`` array without copying when possible.
+def as_words_numpy(
+    words: ArrayLike,
+    name: str = "words",
+    ndim: tuple[int, ...] = (2,),
+    contiguous: bool = False,
+) -> np.ndarray:
+    """View packed words as an ``np.uint64`` array without copying.
 
-    Accepts ``np.uint64`` (or ``np.int64``) arrays and CPU ``torch.int64`` / ``torch.uint64``
-    tensors. Raises ``TypeError`` naming ``name`` for anything else.
+    Args:
+        words: ``np.uint64`` / ``np.int64`` arrays or CPU ``torch.int64`` / ``torch.uint64``
+            tensors (the same 64 bits are reinterpreted, never cast).
+        name: the argument name used in error messages.
+        ndim: the accepted numbers of dimensions (``(2,)`` for ``[N, W]``, ``(1, 2)`` for masks).
+        contiguous: require C-contiguous input (the compiled engine reads raw rows).
+
+    Shape:
+        unchanged.
+
+    Returns:
+        a ``np.uint64`` view of the same memory.
+
+    Example:
+        >>> as_words_numpy(torch.tensor([[-1]])).tolist()
+        [[18446744073709551615]]
     """
     if isinstance(words, torch.Tensor):
         if words.device.type != "cpu":
-            raise ValueError(f"{name} must be on the CPU here, got device {words.device}")
+            raise ValueError(f"{name} must be on the CPU like the other inputs, got {words.device}")
         if words.dtype not in (torch.int64, torch.uint64):
-            raise TypeError(f"{name} must hold packed words as torch.int64, got {words.dtype}")
-        arr = words.detach().numpy()
+            raise TypeError(f"{name} must be packed words (torch.int64), got dtype {words.dtype}")
+        if contiguous and not words.is_contiguous():
+            raise ValueError(f"{name} must be contiguous (call .contiguous())")
+        arr = words.detach().view(torch.int64).numpy()
     elif isinstance(words, np.ndarray):
         arr = words
+        if arr.dtype not in (np.uint64, np.int64):
+            raise TypeError(f"{name} must be packed words (np.uint64), got dtype {arr.dtype}")
+        if contiguous and not arr.flags.c_contiguous:
+            raise ValueError(f"{name} must be C-contiguous (use np.ascontiguousarray)")
     else:
         raise TypeError(f"{name} must be a numpy array or torch tensor, got {type(words).__name__}")
-    if arr.dtype == np.int64:
-        arr = arr.view(np.uint64)
-    if arr.dtype != np.uint64:
-        raise TypeError(f"{name} must be packed uint64 words, got dtype {arr.dtype}")
-    if arr.ndim != 2:
-        raise ValueError(f"{name} must be 2-D [N, W], got shape {arr.shape}")
-    return arr
+    if arr.ndim not in ndim:
+        want = " or ".join(f"{d}-D" for d in ndim)
+        raise ValueError(f"{name} must be {want} packed words, got shape {arr.shape}")
+    return arr.view(np.uint64)
 
 
 def to_faiss_bytes(words: ArrayLike, bits: int) -> np.ndarray:

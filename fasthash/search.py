@@ -26,7 +26,7 @@ import zlib
 import numpy as np
 import torch
 
-from .codes import ArrayLike, num_words, pack_codes
+from .codes import ArrayLike, as_words_numpy, num_words, pack_codes
 
 __all__ = ["hamming_topk", "hamming_radius", "HammingIndex"]
 
@@ -52,29 +52,8 @@ def _warn_fallback() -> None:
 
 
 def _as_words(a: ArrayLike, name: str, ndim: tuple[int, ...] = (2,)) -> np.ndarray:
-    """A zero-copy ``np.uint64`` view of packed words (numpy uint64/int64, CPU torch int64)."""
-    if isinstance(a, torch.Tensor):
-        if a.device.type != "cpu":
-            raise ValueError(f"{name} must be on the CPU like the other inputs, got {a.device}")
-        if a.dtype not in (torch.int64, torch.uint64):
-            raise TypeError(f"{name} must be packed words (torch.int64), got dtype {a.dtype}")
-        if not a.is_contiguous():
-            raise ValueError(f"{name} must be contiguous (call .contiguous())")
-        if a.dtype == torch.uint64:
-            a = a.view(torch.int64)
-        arr = a.detach().numpy()
-    elif isinstance(a, np.ndarray):
-        arr = a
-        if arr.dtype not in (np.uint64, np.int64):
-            raise TypeError(f"{name} must be packed words (np.uint64), got dtype {arr.dtype}")
-        if not arr.flags.c_contiguous:
-            raise ValueError(f"{name} must be C-contiguous (use np.ascontiguousarray)")
-    else:
-        raise TypeError(f"{name} must be a numpy array or torch tensor, got {type(a).__name__}")
-    if arr.ndim not in ndim:
-        want = " or ".join(f"{d}-D" for d in ndim)
-        raise ValueError(f"{name} must be {want} packed words, got shape {arr.shape}")
-    return arr.view(np.uint64)
+    """A zero-copy ``np.uint64`` view of C-contiguous packed words (the engine reads raw rows)."""
+    return as_words_numpy(a, name, ndim, contiguous=True)
 
 
 def _check_int(value, name: str, lo: int, hi: int | None = None) -> int:
