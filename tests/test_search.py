@@ -136,20 +136,23 @@ def test_threads_do_not_change_results(simd, nq):
     np.testing.assert_array_equal(ref[1], ri)
 
 
-@pytest.mark.parametrize("n, nq, threads", [(140_003, 16, 1), (1_100_003, 3, 2)])
-def test_large_k_sampled_limit_and_its_fallback(simd, n, nq, threads):
-    """Large k on a large gallery (or gallery range) starts from a sampled limit; a misleading
-    sample must not change the answer (the query is rescanned)."""
+@pytest.mark.parametrize(
+    "n, w, nq, threads", [(140_003, 1, 16, 1), (140_003, 3, 5, 2), (1_100_003, 1, 3, 2)]
+)
+def test_large_k_sampled_limit_and_its_fallback(simd, n, w, nq, threads):
+    """Large k on a large gallery (or gallery range) starts from a limit taken from a sample's
+    distance histogram; a misleading sample must not change the answer (the query is rescanned)."""
     rng = np.random.default_rng(6)
     k = 300
-    x = rng.integers(0, 2**64, (n, 1), dtype=np.uint64)
-    q = rng.integers(0, 2**64, (nq, 1), dtype=np.uint64)
+    x = rng.integers(0, 2**64, (n, w), dtype=np.uint64)
+    q = rng.integers(0, 2**64, (nq, w), dtype=np.uint64)
     # the sampled prefix is unusually close to query 0 (distance 2), the rest is not
     flips = rng.integers(0, 64, (60, 2))
+    x[:60] = q[0]
     x[:60, 0] = q[0, 0] ^ (np.uint64(1) << flips[:, 0].astype(np.uint64)) ^ (
         np.uint64(1) << flips[:, 1].astype(np.uint64)
     )
-    for m in (None, rng.integers(0, 2**64, (nq, 1), dtype=np.uint64)):
+    for m in (None, rng.integers(0, 2**64, (nq, w), dtype=np.uint64)):
         d, i = fasthash.hamming_topk(q, x, k, m, num_threads=threads, simd=simd)
         rd, ri = np_topk(q, x, k, m)
         np.testing.assert_array_equal(d, rd)

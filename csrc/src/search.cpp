@@ -402,18 +402,18 @@ void run_tasks(const SearchInput& in, const Plan& p, int64_t guess_k, Init init,
         // quantile (rank 2 S k / N + 4 sqrt(S k / N) + 4, about 4x the k-th distance's share).
         // If fewer than k codes of the range pass it, the query is scanned again from the
         // maximum: the range's top-k (merged across ranges later) is exact either way.
-        constexpr int64_t kSample = 4096;
+        constexpr int64_t kSample = 8192;
         bool guessed = false;
         if (guess_k >= 256 && hi - lo >= 32 * kSample) {
           const double e = static_cast<double>(kSample) * guess_k / static_cast<double>(hi - lo);
           const int64_t rank = static_cast<int64_t>(e + 3 * std::sqrt(e) + 3);
           if (rank < kSample) {
             guessed = true;
-            for (int64_t i = 0; i < nqg; ++i) sels[i].init_radius(maxd);
-            scan(0, nqg, lo, lo + kSample);
             for (int64_t i = 0; i < nqg; ++i) {
+              // a histogram, not a scan: every sampled code would pass a scan's open limit
               std::fill(hist.begin(), hist.end(), 0);
-              for (int64_t j = 0; j < sels[i].n; ++j) hist[sels[i].buf[j] >> kIndexBits]++;
+              distance_histogram(qrows[i], masked ? mrows[i] : nullptr, in.x + lo * in.W, kSample,
+                                 in.W, hist.data());
               int64_t t = 0, below = hist[0];
               while (below <= rank && t < maxd) below += hist[++t];
               init(&sels[i], &hist);

@@ -88,6 +88,10 @@ using KernelFn = void (*)(const KernelArgs&);
 KernelFn scalar_kernel(int64_t W, bool masked, int nq);
 KernelFn avx2_kernel(int64_t W, bool masked, int nq);
 KernelFn avx512_kernel(int64_t W, bool masked, int nq);
+// hist[d] += 1 for the distance d of each of the n row-major codes x to query q (mask m or null).
+// Used on small samples only, so one scalar POPCNT version serves every level.
+void distance_histogram(const uint64_t* q, const uint64_t* m, const uint64_t* x, int64_t n,
+                        int64_t W, int64_t* hist);
 // Row-major AVX-512 kernels for W = 2 or 4 and nq in {1, 2, 4} (nullptr otherwise).
 KernelFn avx512_rows_kernel(int64_t W, bool masked, int nq);
 
