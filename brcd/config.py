@@ -122,6 +122,9 @@ class DistillConfig:
     use_mask: bool = True
     offset_positive: bool = True
     false_negative: bool = True
+    # BRCD anchors the student's view-1 codes only (the paper); symmetric also anchors view 2
+    # (mean of both directions), as the KD baselines and L_own use both views
+    symmetric: bool = False
     kd_weight: float | None = None  # None = the method's default (see brcd.losses)
     seed: int | None = None  # student-only seed (init, batch order, views); None = cfg.seed
 

@@ -557,10 +557,13 @@ def distill(cfg: Config, teacher: str | Path | None = None, resume: str | Path |
         sc1, sc2 = s1.codes.float(), s2.codes.float()
         if dc.method == "brcd":
             idx = idx.to(device)
-            kd = brcd_distill_loss(
-                sc1, t1, t2, mtable, ids[idx], assign_clusters(t2, centroids),
-                alpha=dc.alpha, temperature=cfg.temperature, use_mask=dc.use_mask,
-                offset_positive=dc.offset_positive, false_negative=dc.false_negative)
+            opts = dict(alpha=dc.alpha, temperature=cfg.temperature, use_mask=dc.use_mask,
+                        offset_positive=dc.offset_positive, false_negative=dc.false_negative)
+            kd = brcd_distill_loss(sc1, t1, t2, mtable, ids[idx],
+                                   assign_clusters(t2, centroids), **opts)
+            if dc.symmetric:
+                kd = 0.5 * (kd + brcd_distill_loss(sc2, t2, t1, mtable, ids[idx],
+                                                   assign_clusters(t1, centroids), **opts))
             w = 1.0
         elif dc.method == "kd-codes":
             s1.logits, s2.logits = s1.logits.float(), s2.logits.float()

@@ -115,13 +115,14 @@ def test_masks_in_checkpoint_and_brcd_distillation(teacher_run):
     assert codes.shape == (64, 16) and set(codes.unique().tolist()) == {-1.0, 1.0}
 
 
-@pytest.mark.parametrize("method", ["none", "kd-codes", "sp", "rkd"])
+@pytest.mark.parametrize("method", ["none", "kd-codes", "sp", "rkd", "brcd-symmetric"])
 def test_baselines_run(teacher_run, tmp_path, method):
     tmp, cfg, _, _ = teacher_run
     if not (tmp / "teacher_masks.pt").is_file():
         task.build_masks(cfg, progress=False)
-    c2 = _cfg(tmp_path, **{"distill.method": method, "student.train.steps_per_epoch": 2,
-                           "student.train.eval_every": 0})
+    c2 = _cfg(tmp_path, **{"distill.method": method.removesuffix("-symmetric"),
+                           "distill.symmetric": method.endswith("-symmetric"),
+                           "student.train.steps_per_epoch": 2, "student.train.eval_every": 0})
     path = task.distill(c2, teacher=tmp / "teacher_masks.pt", progress=False)
     rec = _records(tmp_path / "student_metrics.jsonl")[-1]
     assert path.is_file() and np.isfinite(rec["loss"])
