@@ -273,8 +273,9 @@ Plan make_plan(const SearchInput& in, int64_t k) {
     }
   } else {
     p.group = std::min<int64_t>(64, in.nq);
-    // a few ranges per thread for balance on a shared machine
-    int64_t want = static_cast<int64_t>(p.threads) * (p.threads > 1 ? 4 : 1);
+    // a few ranges per thread for balance on a shared machine; with large k one range per
+    // thread, as every range collects (and the merge sorts) its own k candidates
+    int64_t want = static_cast<int64_t>(p.threads) * (p.threads > 1 && k < 256 ? 4 : 1);
     p.splits = std::max<int64_t>(1, std::min(want, maxs));
   }
   p.ngroups = (in.nq + p.group - 1) / p.group;
@@ -331,10 +332,12 @@ void run_tasks(const SearchInput& in, const Plan& p, int64_t guess_k, Init init,
   // and every passing block pushes for all queries of its register block, so smaller blocks
   // waste less there; the scan itself costs about the same per pair.
   const int max_nb = guess_k >= 256 ? 4 : 8;
-  // Many tasks of >= 4 queries over a multi-word gallery of <= 256 MiB: transpose the gallery
-  // once (in parallel) rather than every chunk once per task.
+  // Several query groups of >= 4 queries over a multi-word gallery of <= 256 MiB: transpose the
+  // gallery once (in parallel) rather than every chunk once per group. With one or a few groups
+  // the chunks are transposed in L2 instead: writing and re-reading a transposed copy of the
+  // whole gallery would cost more than the search (gallery ranges never share a chunk).
   std::vector<uint64_t> whole;
-  if (simd_layout && in.W > 1 && ntasks >= 4 && p.group >= 4 &&
+  if (simd_layout && in.W > 1 && p.ngroups >= 4 && p.group >= 4 &&
       in.nx * in.W * 8 <= (int64_t(256) << 20)) {
     const int64_t nblocks = (in.nx + 7) / 8, step = 2048;
     whole.resize(static_cast<size_t>(nblocks * 8 * in.W));
