@@ -239,7 +239,10 @@ def _base_config(args, dataset: str):
     o: dict[str, Any] = {
         "device": args.device, "topk": args.topk, "seed": 0,
         "teacher.train.epochs": args.teacher_epochs, "teacher.train.cache_views": args.views,
-        "teacher.train.eval_every": max(1, args.teacher_epochs // 3),
+        # the head on cached Lite2 features: lr 1e-3 beat the paper's 5e-4 on the validation
+        # split (best 0.640 vs 0.635 at 32 bits), validated every 5 of the 20 epochs
+        "teacher.train.lr": 1e-3,
+        "teacher.train.eval_every": max(1, args.teacher_epochs // 4),
         "student.train.epochs": args.student_epochs, "student.train.cache_views": args.views,
         "teacher.train.channels_last": True, "student.train.channels_last": True,
         # two validations per run (middle and end): selection on the validation split
