@@ -137,7 +137,7 @@ def test_threads_do_not_change_results(simd, nq):
 
 
 @pytest.mark.parametrize(
-    "n, w, nq, threads", [(140_003, 1, 16, 1), (140_003, 3, 5, 2), (1_100_003, 1, 3, 2)]
+    "n, w, nq, threads", [(270_003, 1, 16, 1), (270_003, 3, 5, 1), (1_100_003, 1, 3, 2)]
 )
 def test_large_k_sampled_limit_and_its_fallback(simd, n, w, nq, threads):
     """Large k on a large gallery (or gallery range) starts from a limit taken from a sample's

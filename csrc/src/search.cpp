@@ -401,22 +401,25 @@ void run_tasks(const SearchInput& in, const Plan& p, int64_t guess_k, Init init,
         }
         // Sampled starting limit: the streaming limit of a top-k scan starts at the maximum and
         // falls slowly (about k ln(N / k) codes pass it), which dominates for large k. So first
-        // take every distance to a sample of S codes and start the limit at a generous sample
-        // quantile (rank 2 S k / N + 4 sqrt(S k / N) + 4, about 4x the k-th distance's share).
-        // If fewer than k codes of the range pass it, the query is scanned again from the
-        // maximum: the range's top-k (merged across ranges later) is exact either way.
-        constexpr int64_t kSample = 8192;
+        // histogram the distances to S codes in 16 contiguous pieces spread evenly over the range
+        // (a prefix would mislead on sorted galleries) and start the limit at the sample quantile of rank
+        // e + sqrt(e) + 1, e = S k / N the expected rank of the k-th distance. If fewer than k
+        // codes of the range pass it (about 1 % of random queries), the query is scanned again
+        // from the maximum: the range's top-k (merged across ranges later) is exact either way.
+        constexpr int64_t kSample = 8192, kPieces = 16;
         bool guessed = false;
         if (guess_k >= 256 && hi - lo >= 32 * kSample) {
           const double e = static_cast<double>(kSample) * guess_k / static_cast<double>(hi - lo);
-          const int64_t rank = static_cast<int64_t>(e + 3 * std::sqrt(e) + 3);
+          const int64_t rank = static_cast<int64_t>(e + std::sqrt(e) + 1);
           if (rank < kSample) {
             guessed = true;
             for (int64_t i = 0; i < nqg; ++i) {
               // a histogram, not a scan: every sampled code would pass a scan's open limit
               std::fill(hist.begin(), hist.end(), 0);
-              distance_histogram(qrows[i], masked ? mrows[i] : nullptr, in.x + lo * in.W, kSample,
-                                 in.W, hist.data());
+              for (int64_t b = 0; b < kPieces; ++b)
+                distance_histogram(qrows[i], masked ? mrows[i] : nullptr,
+                                   in.x + (lo + b * ((hi - lo) / kPieces)) * in.W,
+                                   kSample / kPieces, in.W, hist.data());
               int64_t t = 0, below = hist[0];
               while (below <= rank && t < maxd) below += hist[++t];
               init(&sels[i], &hist);
