@@ -508,9 +508,7 @@ def _write_report(out: Path, m: dict, log: _Log) -> Path:
         f"Teacher: frozen ImageNet EfficientNet-Lite2 at 64 px + MLP head, trained "
         f"{args.teacher_epochs} epochs without labels on {args.views} cached views per image. "
         f"Student: tiny-cnn ({m['student_params'] / 1e6:.2f}M parameters) at 28 px, "
-        f"{args.student_epochs} epochs on the same views"
-        f"{sym}. "
-        "Checkpoints selected on the "
+        f"{args.student_epochs} epochs on the same views{sym}. Checkpoints selected on the "
         "validation split (validation queries vs training images), never on the test queries.",
         "",
     ]

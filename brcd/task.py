@@ -556,13 +556,13 @@ def distill(cfg: Config, teacher: str | Path | None = None, resume: str | Path |
         t1, t2 = t1.to(device).float(), t2.to(device).float()
         sc1, sc2 = s1.codes.float(), s2.codes.float()
         if dc.method == "brcd":
-            idx = idx.to(device)
+            cid = ids[idx.to(device)]
             opts = dict(alpha=dc.alpha, temperature=cfg.temperature, use_mask=dc.use_mask,
                         offset_positive=dc.offset_positive, false_negative=dc.false_negative)
-            kd = brcd_distill_loss(sc1, t1, t2, mtable, ids[idx],
-                                   assign_clusters(t2, centroids), **opts)
+            kd = brcd_distill_loss(sc1, t1, t2, mtable, cid, assign_clusters(t2, centroids),
+                                   **opts)
             if dc.symmetric:
-                kd = 0.5 * (kd + brcd_distill_loss(sc2, t2, t1, mtable, ids[idx],
+                kd = 0.5 * (kd + brcd_distill_loss(sc2, t2, t1, mtable, cid,
                                                    assign_clusters(t1, centroids), **opts))
             w = 1.0
         elif dc.method == "kd-codes":

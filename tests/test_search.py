@@ -146,7 +146,7 @@ def test_large_k_sampled_limit_and_its_fallback(simd, n, w, nq, threads):
     k = 300
     x = rng.integers(0, 2**64, (n, w), dtype=np.uint64)
     q = rng.integers(0, 2**64, (nq, w), dtype=np.uint64)
-    # the sampled prefix is unusually close to query 0 (distance 2), the rest is not
+    # the first sampled piece is unusually close to query 0 (distance 2), the rest is not
     flips = rng.integers(0, 64, (60, 2))
     x[:60] = q[0]
     x[:60, 0] = q[0, 0] ^ (np.uint64(1) << flips[:, 0].astype(np.uint64)) ^ (

@@ -402,10 +402,11 @@ void run_tasks(const SearchInput& in, const Plan& p, int64_t guess_k, Init init,
         // Sampled starting limit: the streaming limit of a top-k scan starts at the maximum and
         // falls slowly (about k ln(N / k) codes pass it), which dominates for large k. So first
         // histogram the distances to S codes in 16 contiguous pieces spread evenly over the range
-        // (a prefix would mislead on sorted galleries) and start the limit at the sample quantile of rank
-        // e + sqrt(e) + 1, e = S k / N the expected rank of the k-th distance. If fewer than k
-        // codes of the range pass it (about 1 % of random queries), the query is scanned again
-        // from the maximum: the range's top-k (merged across ranges later) is exact either way.
+        // (a prefix would mislead on sorted galleries) and start the limit at the sample
+        // quantile of rank e + sqrt(e) + 1, e = S k / N the expected rank of the k-th distance.
+        // If fewer than k codes of the range pass it (about 1 % of random queries), the query is
+        // scanned again from the maximum: the range's top-k (merged across ranges later) is exact
+        // either way.
         constexpr int64_t kSample = 8192, kPieces = 16;
         bool guessed = false;
         if (guess_k >= 256 && hi - lo >= 32 * kSample) {

@@ -56,7 +56,8 @@ void distance_histogram(const uint64_t* q, const uint64_t* m, const uint64_t* x,
   for (int64_t j = 0; j < n; ++j) {
     const uint64_t* xj = x + j * W;
     int64_t d = 0;
-    for (int64_t w = 0; w < W; ++w) d += __builtin_popcountll((q[w] ^ xj[w]) & (m ? m[w] : ~uint64_t(0)));
+    for (int64_t w = 0; w < W; ++w)
+      d += __builtin_popcountll((q[w] ^ xj[w]) & (m ? m[w] : ~uint64_t(0)));
     hist[d]++;
   }
 }
