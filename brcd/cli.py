@@ -7,7 +7,6 @@ Every subcommand takes ``--config`` (a preset name or YAML file), a few common f
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 from pathlib import Path
@@ -16,6 +15,9 @@ import numpy as np
 import yaml
 
 from .config import Config, list_presets, load_config
+from .data import DATASETS
+from .losses import METHODS
+from .masks import CONVENTIONS
 
 __all__ = ["main", "build_parser"]
 
@@ -33,7 +35,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int)
     g.add_argument("--threads", type=int, help="torch CPU threads (0 = default; 1 is fastest "
                    "for tiny models on a busy machine)")
-    g.add_argument("--dataset", help="fashion-mnist | digits | cifar10 | imagefolder")
+    g.add_argument("--dataset", help="data.name: " + "; ".join(
+        f"{d.name} ({d.help})" for d in DATASETS.values()))
     g.add_argument("--data-root", help="dataset folder")
     g.add_argument("--quiet", action="store_true", help="no progress bars / logs")
 
@@ -67,19 +70,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clusters", type=int, help="masks.n_clusters (C)")
     p.add_argument("--choose-clusters", help="comma-separated candidates for C (silhouette)")
     p.add_argument("--delta", type=float, help="masks.delta (keep |mu| > delta)")
-    p.add_argument("--mask-convention", choices=["agree", "redundant", "none"])
+    p.add_argument("--mask-convention", choices=list(CONVENTIONS), help="masks.convention")
 
     p = sub.add_parser("distill", help="train the student (BRCD or a KD baseline)")
     _common(p)
     _stage_flags(p, "student")
     p.add_argument("--teacher",
                    help="teacher checkpoint with masks (default <out>/teacher_masks.pt)")
-    p.add_argument("--method", choices=["brcd", "none", "kd-codes", "sp", "rkd"])
+    p.add_argument("--method", choices=list(METHODS), help="distill.method: " + "; ".join(
+        f"{m.name}: {m.help}" for m in METHODS.values()))
     p.add_argument("--alpha", type=float, help="distill.alpha (individual-space weight)")
     p.add_argument("--no-mask", action="store_true", help="structural term on unmasked codes")
     p.add_argument("--no-offset-positive", action="store_true", help="alpha_k = alpha always")
     p.add_argument("--no-false-negative", action="store_true", help="keep same-cluster negatives")
-    p.add_argument("--kd-weight", type=float, help="weight of a KD baseline's term")
+    p.add_argument("--kd-weight", type=float,
+                   help="distill.kd_weight: weight of the KD term (default: the method's)")
     p.add_argument("--student-seed", type=int,
                    help="distill.seed: varies only the student (init, batches, views)")
 
@@ -146,59 +151,66 @@ def _overrides(args: argparse.Namespace, stage: str | None) -> dict:
     return o
 
 
-def _run_demo(argv: list[str]) -> int:
-    try:
-        demo = importlib.import_module("brcd.demo")
-    except ModuleNotFoundError as exc:
-        if exc.name != "brcd.demo":
-            raise
-        print("error: brcd/demo.py does not exist yet (the demo is written separately); use "
-              "train-teacher / build-masks / distill / evaluate meanwhile", file=sys.stderr)
-        return 2
-    return int(demo.main(argv) or 0)
+def _encode(cfg: Config, args: argparse.Namespace, progress: bool) -> None:
+    from fasthash import pack_codes
+
+    from . import data as D
+    from . import task
+
+    images = getattr(D.make_splits(cfg.data, cfg.seed), args.split)
+    codes = task.encode(args.checkpoint, images, cfg.data.view_size, cfg.device,
+                        bits=cfg.bits).numpy()
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.save(out, codes.astype(np.int8))
+    np.save(out.with_suffix(".words.npy"), pack_codes(codes))
+    np.save(out.with_suffix(".labels.npy"), images.labels)
+    print(f"{out}: {codes.shape[0]} codes of {codes.shape[1]} bits ({args.split})")
+
+
+def _evaluate(cfg: Config, args: argparse.Namespace, progress: bool) -> None:
+    from . import task
+
+    res = task.evaluate(cfg, student=args.student, teacher=args.teacher, progress=progress,
+                        with_teacher=not args.sshp_only)
+    print(json.dumps(res))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(res, indent=2))
+
+
+def _stage(name: str, **flags: str):
+    """A subcommand that runs ``brcd.task.<name>`` and prints the checkpoint it wrote;
+    ``flags`` maps the task's keyword arguments to argparse destinations."""
+    def run(cfg: Config, args: argparse.Namespace, progress: bool) -> None:
+        from . import task
+
+        kwargs = {k: getattr(args, dest) for k, dest in flags.items()}
+        print(getattr(task, name)(cfg, progress=progress, **kwargs))
+    return run
+
+
+# subcommand -> (its stage section for the per-stage flags, handler)
+_COMMANDS = {
+    "train-teacher": ("teacher", _stage("train_teacher", resume="resume")),
+    "build-masks": (None, _stage("build_masks", teacher="teacher")),
+    "distill": ("student", _stage("distill", teacher="teacher", resume="resume")),
+    "evaluate": (None, _evaluate),
+    "encode": (None, _encode),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit status (2 on a configuration/input error)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "demo":
-        return _run_demo(argv[1:])
+        from . import demo
+
+        return demo.main(argv[1:])
     args = build_parser().parse_args(argv)
-    from . import task
-
-    stage = {"train-teacher": "teacher", "distill": "student"}.get(args.cmd)
+    stage, handler = _COMMANDS[args.cmd]
     try:
-        cfg: Config = load_config(args.config, _overrides(args, stage))
-        progress = not args.quiet
-        if args.cmd == "train-teacher":
-            print(task.train_teacher(cfg, resume=args.resume, progress=progress))
-        elif args.cmd == "build-masks":
-            print(task.build_masks(cfg, teacher=args.teacher, progress=progress))
-        elif args.cmd == "distill":
-            print(task.distill(cfg, teacher=args.teacher, resume=args.resume, progress=progress))
-        elif args.cmd == "evaluate":
-            res = task.evaluate(cfg, student=args.student, teacher=args.teacher,
-                                progress=progress, with_teacher=not args.sshp_only)
-            print(json.dumps(res))
-            if args.json_out:
-                Path(args.json_out).write_text(json.dumps(res, indent=2))
-        elif args.cmd == "encode":
-            from fasthash import pack_codes
-
-            from . import data as D
-
-            splits = D.make_splits(cfg.data, cfg.seed)
-            images = getattr(splits, args.split)
-            codes = task.encode(args.checkpoint, images, cfg.data.view_size, cfg.device,
-                                bits=cfg.bits).numpy()
-            out = Path(args.output)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            np.save(out, codes.astype(np.int8))
-            np.save(out.with_suffix(".words.npy"), pack_codes(codes))
-            np.save(out.with_suffix(".labels.npy"), images.labels)
-            print(f"{out}: {codes.shape[0]} codes of {codes.shape[1]} bits ({args.split})")
+        handler(load_config(args.config, _overrides(args, stage)), args, not args.quiet)
     except (ValueError, TypeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
-

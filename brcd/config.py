@@ -3,6 +3,10 @@
 A config is one :class:`Config` with nested sections. Presets live in ``brcd/configs/*.yaml``
 (package data); :func:`load_config` takes a preset name or a YAML path plus dotted overrides
 (``{"teacher.train.epochs": 3}``), checks every key and value, and returns the dataclass.
+Choices are validated against the registries that define them: ``data.name`` (:data:`brcd.data.
+DATASETS`), ``data.augment`` (:data:`brcd.augment.AUGMENTERS`), ``distill.method``
+(:data:`brcd.losses.METHODS`), ``masks.convention`` (:data:`brcd.masks.CONVENTIONS`),
+``<stage>.train.autocast`` and ``<stage>.model.head`` (:mod:`brcd.models`).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ __all__ = [
     "list_presets",
     "config_to_dict",
     "config_from_dict",
+    "override",
 ]
 
 # Presets ship as package data next to this module.
@@ -150,28 +155,24 @@ class Config:
 
     def validate(self) -> Config:
         """Raise ``ValueError`` naming the offending option; return self."""
+        from .augment import AUGMENTERS
+        from .data import check_dataset
+        from .losses import METHODS
+        from .masks import CONVENTIONS
+        from .models import AUTOCAST_MODES, HEADS
+
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or self.bits <= 0:
             raise ValueError(f"bits must be a positive integer, got {self.bits!r}")
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
         if not 0.0 <= self.distill.alpha <= 1.0:
             raise ValueError(f"distill.alpha must be in [0, 1], got {self.distill.alpha!r}")
-        methods = ("brcd", "none", "kd-codes", "sp", "rkd")
-        if self.distill.method not in methods:
-            raise ValueError(
-                f"distill.method must be one of {methods}, got {self.distill.method!r}"
-            )
-        conventions = ("agree", "redundant", "none")
-        if self.masks.convention not in conventions:
-            raise ValueError(
-                f"masks.convention must be one of {conventions}, got {self.masks.convention!r}"
-            )
+        check_dataset(self.data.name)
+        _choice("distill.method", self.distill.method, METHODS)
+        _choice("masks.convention", self.masks.convention, CONVENTIONS)
+        _choice("data.augment", self.data.augment, AUGMENTERS)
         if self.masks.n_clusters < 2:
             raise ValueError(f"masks.n_clusters must be >= 2, got {self.masks.n_clusters}")
-        if self.data.augment not in ("batched", "torchvision"):
-            raise ValueError(
-                f"data.augment must be 'batched' or 'torchvision', got {self.data.augment!r}"
-            )
         if self.data.view_size < 8:
             raise ValueError(f"data.view_size must be >= 8 pixels, got {self.data.view_size}")
         for stage in ("teacher", "student"):
@@ -190,15 +191,14 @@ class Config:
                     "teacher.train.cache_views needs teacher.model.freeze_backbone: true "
                     "(cached features are only valid for a frozen backbone)"
                 )
-            if s.train.autocast not in ("none", "bf16"):
-                raise ValueError(
-                    f"{stage}.train.autocast must be 'none' or 'bf16', got {s.train.autocast!r}"
-                )
-            if s.model.head not in ("linear", "mlp"):
-                raise ValueError(
-                    f"{stage}.model.head must be 'linear' or 'mlp', got {s.model.head!r}"
-                )
+            _choice(f"{stage}.train.autocast", s.train.autocast, AUTOCAST_MODES)
+            _choice(f"{stage}.model.head", s.model.head, HEADS)
         return self
+
+
+def _choice(key: str, value: Any, valid) -> None:
+    if value not in valid:
+        raise ValueError(f"{key} must be one of {list(valid)}, got {value!r}")
 
 
 def list_presets() -> list[str]:
@@ -272,7 +272,11 @@ def load_config(
         else:
             text = path.read_text()
         data = yaml.safe_load(text) or {}
-    for key, value in (overrides or {}).items():
+    return config_from_dict(_apply_dotted(data, overrides or {}))
+
+
+def _apply_dotted(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    for key, value in overrides.items():
         node: dict[str, Any] = {}
         cur = node
         parts = key.split(".")
@@ -281,4 +285,20 @@ def load_config(
             cur = cur[p]
         cur[parts[-1]] = value
         data = _merge(data, node)
-    return config_from_dict(data)
+    return data
+
+
+def override(cfg: Config, overrides: dict[str, Any]) -> Config:
+    """A validated copy of ``cfg`` with dotted overrides (``cfg`` itself is unchanged).
+
+    Args:
+        cfg: a config. overrides: ``{"dotted.key": value}``, e.g. ``{"bits": 32}``.
+
+    Returns:
+        the new :class:`Config`.
+
+    Example:
+        >>> override(load_config("digits"), {"student.train.epochs": 2}).student.train.epochs
+        2
+    """
+    return config_from_dict(_apply_dotted(config_to_dict(cfg), overrides))

@@ -10,9 +10,16 @@ the pure-torch references in ``fasthash.reference`` (swapping back is a one-line
 * KD baselines under the same trainer: :func:`kd_codes_loss` (bitwise BCE to the teacher code),
   :func:`sp_loss` (similarity-preserving KD, Tung & Mori 2019), :func:`rkd_distance_loss`
   (distance-wise relational KD, Park et al. 2019).
+
+:data:`METHODS` is the registry of student objectives (``distill.method``): config validation,
+the CLI's choices and help, the demo and the distill stage all read it. A new KD method is one
+function decorated with :func:`register_method` (plus its test), nothing else.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +27,7 @@ import torch.nn.functional as F
 import fasthash
 from fasthash import reference
 
+from .masks import assign_clusters
 from .models import HashOutput
 
 __all__ = [
@@ -32,11 +40,11 @@ __all__ = [
     "kd_codes_loss",
     "sp_loss",
     "rkd_distance_loss",
-    "KD_DEFAULT_WEIGHTS",
+    "KDBatch",
+    "Method",
+    "METHODS",
+    "register_method",
 ]
-
-# Default weights of the KD baselines' extra term (their papers' usual values for SP and RKD).
-KD_DEFAULT_WEIGHTS = {"kd-codes": 1.0, "sp": 3000.0, "rkd": 25.0}
 
 
 # ---- the three adapters: the only places that choose between reference and fused ops -------
@@ -172,3 +180,128 @@ def rkd_distance_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Ten
         td = pdist(teacher.float())
     off = ~torch.eye(student.shape[0], dtype=torch.bool, device=student.device)
     return F.smooth_l1_loss(pdist(student.float())[off], td[off])
+
+
+# ---- the method registry ---------------------------------------------------------------------
+@dataclass
+class KDBatch:
+    """What a KD term sees in one distillation step (both views of the same B images).
+
+    Attributes:
+        s1, s2: the student's outputs of view 1 / view 2. t1, t2: the teacher's ±1 codes of
+        the same views (float32, no gradient). cluster_ids: each image's cluster c ``[B]`` (None
+        without masks). mask_table: ``[C, L]`` {0,1}; centroids: ``[C, L]`` (None without
+        masks). temperature: tau of the contrastive terms. options: the run's
+        :class:`brcd.config.DistillConfig` (alpha, ablation switches, ``symmetric``).
+    """
+
+    s1: HashOutput
+    s2: HashOutput
+    t1: torch.Tensor
+    t2: torch.Tensor
+    cluster_ids: torch.Tensor | None
+    mask_table: torch.Tensor | None
+    centroids: torch.Tensor | None
+    temperature: float
+    options: object
+
+
+KDLoss = Callable[[KDBatch], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Method:
+    """A student objective: ``L_own + weight * kd_loss`` (``kd_loss`` None: ``L_own`` only).
+
+    Attributes:
+        name: the ``distill.method`` value. label: the name in reports. kd_loss: the KD term.
+        weight: its default weight (``distill.kd_weight`` overrides it). needs_teacher: the
+        student cannot train without a teacher. needs_masks: the teacher checkpoint must hold
+        clusters and masks (``build-masks``). shares_teacher_space: the term pulls the
+        student's codes onto the teacher's, so ASHP (student queries, teacher database) is
+        meaningful; relational terms (SP, RKD) match similarities only. help: one line for
+        ``--help``.
+    """
+
+    name: str
+    label: str
+    kd_loss: KDLoss | None
+    weight: float
+    needs_teacher: bool
+    needs_masks: bool
+    shares_teacher_space: bool
+    help: str
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(name: str, *, label: str, weight: float = 1.0, needs_teacher: bool = True,
+                    needs_masks: bool = False, shares_teacher_space: bool,
+                    help: str) -> Callable[[KDLoss | None], KDLoss | None]:
+    """Register a student objective under ``name`` (decorates its KD term).
+
+    Args:
+        name: the ``distill.method`` value (must be new). label, weight, needs_teacher,
+            needs_masks, shares_teacher_space, help: see :class:`Method`.
+
+    Returns:
+        a decorator that registers ``kd_loss(batch: KDBatch) -> scalar`` and returns it.
+
+    Example:
+        >>> @register_method("l2-codes", label="L2 codes", shares_teacher_space=True,
+        ...                  help="squared error to the teacher codes")
+        ... def _l2(b):
+        ...     return 0.5 * ((b.s1.codes - b.t1).pow(2).mean() + (b.s2.codes - b.t2).pow(2).mean())
+        >>> METHODS.pop("l2-codes").label
+        'L2 codes'
+    """
+    if name in METHODS:
+        raise ValueError(f"method {name!r} is already registered")
+
+    def deco(fn: KDLoss | None) -> KDLoss | None:
+        METHODS[name] = Method(name, label, fn, float(weight), needs_teacher, needs_masks,
+                               shares_teacher_space, help)
+        return fn
+
+    return deco
+
+
+register_method("none", label="student, no KD", weight=0.0, needs_teacher=False,
+                shares_teacher_space=False, help="the student's own loss only")(None)
+
+
+@register_method("kd-codes", label="KD codes", shares_teacher_space=True,
+                 help="bitwise BCE of the student's bits to the teacher's")
+def _kd_codes(b: KDBatch) -> torch.Tensor:
+    b.s1.logits, b.s2.logits = b.s1.logits.float(), b.s2.logits.float()
+    return 0.5 * (kd_codes_loss(b.s1, b.t1) + kd_codes_loss(b.s2, b.t2))
+
+
+# SP and RKD: their papers' usual weights
+@register_method("sp", label="SP", weight=3000.0, shares_teacher_space=False,
+                 help="similarity-preserving KD (Tung & Mori 2019)")
+def _sp(b: KDBatch) -> torch.Tensor:
+    return 0.5 * (sp_loss(b.s1.codes.float(), b.t1) + sp_loss(b.s2.codes.float(), b.t2))
+
+
+@register_method("rkd", label="RKD", weight=25.0, shares_teacher_space=False,
+                 help="distance-wise relational KD (Park et al. 2019)")
+def _rkd(b: KDBatch) -> torch.Tensor:
+    return 0.5 * (rkd_distance_loss(b.s1.codes.float(), b.t1)
+                  + rkd_distance_loss(b.s2.codes.float(), b.t2))
+
+
+@register_method("brcd", label="BRCD", needs_masks=True, shares_teacher_space=True,
+                 help="bit-mask robust contrastive KD (the paper; ablation switches in distill.*)")
+def _brcd(b: KDBatch) -> torch.Tensor:
+    o = b.options
+    opts = dict(alpha=o.alpha, temperature=b.temperature, use_mask=o.use_mask,
+                offset_positive=o.offset_positive, false_negative=o.false_negative)
+    s1, s2 = b.s1.codes.float(), b.s2.codes.float()
+    kd = brcd_distill_loss(s1, b.t1, b.t2, b.mask_table, b.cluster_ids,
+                           assign_clusters(b.t2, b.centroids), **opts)
+    if o.symmetric:  # the view-2 anchor too, as L_own and the baselines use both views
+        kd = 0.5 * (kd + brcd_distill_loss(s2, b.t2, b.t1, b.mask_table, b.cluster_ids,
+                                           assign_clusters(b.t1, b.centroids), **opts))
+    return kd

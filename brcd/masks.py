@@ -22,9 +22,16 @@ __all__ = [
     "mask_table_from_centroids",
     "assign_clusters",
     "compute_cluster_masks",
+    "cluster_stats",
 ]
 
-CONVENTIONS = ("agree", "redundant", "none")
+# masks.convention -> which bits a cluster keeps, from |mu| and delta. "redundant" is the
+# opposite reading of the paper (an ablation); "none" keeps every bit.
+CONVENTIONS = {
+    "agree": lambda a, delta: a > delta,
+    "redundant": lambda a, delta: a <= delta,
+    "none": lambda a, delta: torch.ones_like(a, dtype=torch.bool),
+}
 
 
 @dataclass
@@ -146,17 +153,10 @@ def mask_table_from_centroids(centroids: torch.Tensor, delta: float = 0.5,
         tensor([[1., 0., 1.]])
     """
     if convention not in CONVENTIONS:
-        raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
+        raise ValueError(f"convention must be one of {tuple(CONVENTIONS)}, got {convention!r}")
     if not 0.0 <= delta < 1.0:
         raise ValueError(f"delta must be in [0, 1), got {delta!r}")
-    a = centroids.abs()
-    if convention == "agree":
-        m = a > delta
-    elif convention == "redundant":
-        m = a <= delta
-    else:
-        m = torch.ones_like(a, dtype=torch.bool)
-    return m.float()
+    return CONVENTIONS[convention](centroids.abs(), delta).float()
 
 
 def assign_clusters(codes: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
@@ -192,3 +192,25 @@ def compute_cluster_masks(codes, train_indices, n_clusters: int = 10, *, delta: 
         train_indices=torch.as_tensor(np.asarray(train_indices), dtype=torch.int64),
         delta=float(delta), convention=convention, silhouette=scores,
     )
+
+
+def cluster_stats(masks: ClusterMasks, view_codes: torch.Tensor) -> dict:
+    """Cluster sizes, bits kept per cluster and the share of offset-positive views.
+
+    Args:
+        masks: the clusters and masks. view_codes: the teacher's UNMASKED ±1 codes of V
+            augmented views of each training image ``[N, V, L]`` (training-split order).
+
+    Returns:
+        ``{"n_clusters", "bits_kept", "cluster_sizes", "offset_share", "mask_table"}``: a view
+        is an offset positive when its nearest centroid is not its image's cluster.
+    """
+    n, v, length = view_codes.shape
+    hat = assign_clusters(view_codes.reshape(n * v, length).float(), masks.centroids).reshape(n, v)
+    share = float((hat != masks.train_cluster_ids[:, None]).float().mean())
+    return {"n_clusters": masks.n_clusters,
+            "bits_kept": masks.mask_table.sum(1).long().tolist(),
+            "cluster_sizes": torch.bincount(masks.train_cluster_ids,
+                                            minlength=masks.n_clusters).tolist(),
+            "offset_share": share,
+            "mask_table": masks.mask_table.long().tolist()}

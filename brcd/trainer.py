@@ -2,9 +2,9 @@
 clipping, atomic checkpoints every epoch plus the best per paradigm on validation, exact resume,
 tqdm progress (loss, images/s) and a JSONL metrics log.
 
-The loop knows nothing about hashing: :mod:`brcd.task` gives it a step function (batch → loss,
-parts), a per-epoch batch iterator (seeded by epoch, so a resumed run sees the same batches) and
-a validation function (→ ``{paradigm: mAP}``).
+The loop knows nothing about hashing: the stages (:mod:`brcd.stages`) give it a step function
+(batch → loss, parts), a per-epoch batch iterator (seeded by epoch, so a resumed run sees the
+same batches) and a validation function (→ ``{paradigm: mAP}``).
 """
 
 from __future__ import annotations
@@ -71,8 +71,9 @@ class Trainer:
         progress: show tqdm bars.
     """
 
-    def __init__(self, model: nn.Module, cfg: TrainConfig, device: torch.device, out_dir: Path,
-                 tag: str, step_fn: Callable[[Any], tuple[torch.Tensor, dict[str, float]]],
+    def __init__(self, model: nn.Module, cfg: TrainConfig, *, device: torch.device,
+                 out_dir: Path, tag: str,
+                 step_fn: Callable[[Any], tuple[torch.Tensor, dict[str, float]]],
                  batches: Callable[[int], Iterable[Any]], steps_per_epoch: int, batch_images: int,
                  validate: Callable[[], dict[str, float]] | None, extra: dict[str, Any],
                  progress: bool = True) -> None:

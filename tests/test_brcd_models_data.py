@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from brcd import augment as A
 from brcd import data as D
 from brcd.config import DataConfig, load_config
 from brcd.models import create_model, load_backbone_weights, wheel_weights_path
@@ -168,19 +169,19 @@ def test_imagefolder(tmp_path):
 
 def test_views_are_keyed_per_sample():
     base = torch.randint(0, 255, (6, 3, 28, 28), dtype=torch.uint8)
-    k0 = D.view_keys(0, 0, np.arange(6), 0)
-    v = D.augment(base, k0)
+    k0 = A.view_keys(0, 0, np.arange(6), 0)
+    v = A.augment(base, k0)
     assert v.shape == base.shape and v.dtype == torch.uint8
-    assert torch.equal(v[2:3], D.augment(base[2:3], k0[2:3]))  # independent of the batch
-    assert not torch.equal(v, D.augment(base, D.view_keys(0, 0, np.arange(6), 1)))
-    assert not torch.equal(v, D.augment(base, D.view_keys(0, 1, np.arange(6), 0)))
-    tv = D.augment(base, k0, "torchvision")
-    assert torch.equal(tv, D.augment(base, k0, "torchvision")) and tv.shape == base.shape
+    assert torch.equal(v[2:3], A.augment(base[2:3], k0[2:3]))  # independent of the batch
+    assert not torch.equal(v, A.augment(base, A.view_keys(0, 0, np.arange(6), 1)))
+    assert not torch.equal(v, A.augment(base, A.view_keys(0, 1, np.arange(6), 0)))
+    tv = A.augment(base, k0, "torchvision")
+    assert torch.equal(tv, A.augment(base, k0, "torchvision")) and tv.shape == base.shape
     with pytest.raises(ValueError, match="data.augment"):
-        D.augment(base, k0, "fancy")
+        A.augment(base, k0, "fancy")
     x = D.prepare_batch(v, 64)
     assert x.shape == (6, 3, 64, 64) and x.dtype == torch.float32
-    views, det = D.make_views(D.ImageSet(np.zeros(6), ["x"], images=base), 28, 3)
+    views, det = A.make_views(D.ImageSet(np.zeros(6), ["x"], images=base), 28, 3)
     assert views.shape == (6, 3, 3, 28, 28) and torch.equal(det, base)
     assert not torch.equal(views[:, 0], views[:, 1])
     assert float(F.mse_loss(views.float()[:, 0], base.float())) > 0

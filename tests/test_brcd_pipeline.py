@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from brcd import cli, task
+from brcd import augment as A
+from brcd import cli, stages, task
 from brcd import data as D
 from brcd.config import load_config
 from brcd.losses import brcd_distill_loss, cibhash_loss
 from brcd.masks import ClusterMasks, assign_clusters
+from brcd.stages import views as V
 from brcd.trainer import load_checkpoint, seed_everything
 
 TINY = {
@@ -46,8 +48,8 @@ def _fixed_views(cfg, n=64):
     sp = D.make_splits(cfg.data, cfg.seed)
     base = D.base_images(sp.train, cfg.data.view_size)[:n]
     keys = np.arange(n)
-    return sp, base, (D.augment(base, D.view_keys(99, 0, keys, 0)),
-                      D.augment(base, D.view_keys(99, 0, keys, 1)))
+    return sp, base, (A.augment(base, A.view_keys(99, 0, keys, 0)),
+                      A.augment(base, A.view_keys(99, 0, keys, 1)))
 
 
 @torch.no_grad()
@@ -62,7 +64,7 @@ def teacher_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pipe")
     cfg = _cfg(tmp)
     seed_everything(cfg.seed)
-    init = task._build(cfg.teacher.model, cfg.bits)
+    init = stages.build_model(cfg.teacher.model, cfg.bits)
     path = task.train_teacher(cfg, progress=False)
     return tmp, cfg, init, path
 
@@ -89,7 +91,7 @@ def test_masks_in_checkpoint_and_brcd_distillation(teacher_run):
     sp, _, views = _fixed_views(cfg)
     teacher, _ = task.load_model(mpath)
     seed_everything(cfg.seed)
-    init = task._build(cfg.student.model, cfg.bits)
+    init = stages.build_model(cfg.student.model, cfg.bits)
 
     @torch.no_grad()
     def objective(student):
@@ -153,7 +155,8 @@ def test_frozen_backbone_bit_identical(tmp_path, cache):
                             "teacher.train.cache_views": cache, "teacher.train.eval_every": 0,
                             "teacher.train.steps_per_epoch": 3})
     seed_everything(cfg.seed)
-    before = {k: v.clone() for k, v in task._build(cfg.teacher.model, 16).state_dict().items()}
+    init = stages.build_model(cfg.teacher.model, 16)
+    before = {k: v.clone() for k, v in init.state_dict().items()}
     path = task.train_teacher(cfg, progress=False)
     after = load_checkpoint(path)["model"]
     bb = [k for k in before if k.startswith("backbone.")]
@@ -213,18 +216,18 @@ def test_cached_views_student_sees_the_views_the_teacher_coded(tmp_path):
     stamp = cache_file.stat().st_mtime_ns
     teacher, _ = task.load_model(tmp_path / "teacher_masks.pt")
     seen = []
-    orig = task._index_batches
+    orig = V.index_batches
 
     def spy(*args):
         for idx, v1, v2 in orig(*args):
             seen.append((idx, v1, v2))
             yield idx, v1, v2
 
-    task._index_batches = spy
+    V.index_batches = spy
     try:
         task.distill(cfg, progress=False)
     finally:
-        task._index_batches = orig
+        V.index_batches = orig
     assert cache_file.stat().st_mtime_ns == stamp  # the features were extracted only once
     cache = torch.load(cache_file, weights_only=True)
     idx, v1, v2 = seen[0]

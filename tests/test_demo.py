@@ -1,12 +1,13 @@
 """The demo's option defaults, its honest BRCD-vs-baseline sentences, and a tiny end-to-end run
-on scikit-learn digits that writes the report, the metrics JSON and the plots."""
+on scikit-learn digits that writes the report, the metrics JSON and the plots, which
+``--report-only`` renders again from the metrics alone."""
 
 import argparse
 import json
 
 import pytest
 
-from brcd import demo
+from brcd import demo, report
 
 
 def parse(argv):
@@ -33,14 +34,14 @@ def test_comparisons_say_when_brcd_loses():
     table = {(32, "brcd", "sshp"): [0.60, 0.62], (32, "sp", "sshp"): [0.65],
              (32, "none", "sshp"): [0.50], (32, "brcd", "ashp"): [0.70],
              (32, "sp", "ashp"): [0.20], (32, "none", "ashp"): [0.10]}
-    lines = demo._comparisons(table, [32], ["none", "sp", "brcd"])
+    lines = report.comparisons(table, [32], ["none", "sp", "brcd"])
     assert any("SSHP" in x and "does NOT beat" in x and "SP 0.650" in x and "0.610" in x
                for x in lines)
     assert any("ASHP" in x and "beats every baseline by more than 0.005" in x
                and "+0.500" in x for x in lines)
     # a margin inside the seed spread is reported as a tie, not a win
     table = {(16, "brcd", "sshp"): [0.60, 0.64], (16, "sp", "sshp"): [0.61, 0.60]}
-    lines = demo._comparisons(table, [16], ["sp", "brcd"])
+    lines = report.comparisons(table, [16], ["sp", "brcd"])
     assert len(lines) == 1 and "no clear win" in lines[0] and "SP 0.605" in lines[0]
 
 
@@ -66,5 +67,12 @@ def test_demo_smoke_on_digits(tmp_path):
     report = (out / "report.md").read_text()
     for text in ("teacher/teacher", "BRCD", "student, no KD", "speed-up", "offset-positive"):
         assert text in report
+    for png in ("pr_curves.png", "map_vs_bits.png", "mask_heatmap.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+        (out / png).unlink()
+    (out / "report.md").unlink()
+    # the report and its figures come from metrics.json alone
+    assert demo.main(["--out", str(out), "--report-only"]) == 0
+    assert (out / "report.md").read_text() == report
     for png in ("pr_curves.png", "map_vs_bits.png", "mask_heatmap.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"

@@ -32,10 +32,18 @@ __all__ = [
     "wheel_weights_path",
     "count_parameters",
     "AUTOCAST_MODES",
+    "HEADS",
 ]
 
 # HashModel.set_autocast / <stage>.train.autocast values
 AUTOCAST_MODES = ("none", "bf16")
+
+# <stage>.model.head -> the hash head from (backbone features D, bits L, hidden width)
+HEADS: dict[str, Callable[[int, int, int], nn.Module]] = {
+    "linear": lambda d, bits, hidden: nn.Linear(d, bits),
+    "mlp": lambda d, bits, hidden: nn.Sequential(
+        nn.Linear(d, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, bits)),
+}
 
 
 @dataclass
@@ -174,7 +182,7 @@ class HashModel(nn.Module):
     """
 
     def __init__(
-        self, backbone: nn.Module, num_features: int, bits: int, head: str, hidden: int,
+        self, backbone: nn.Module, *, num_features: int, bits: int, head: str, hidden: int,
         freeze_backbone: bool, name: str,
     ) -> None:
         super().__init__()
@@ -182,12 +190,7 @@ class HashModel(nn.Module):
         self.backbone = backbone
         self.num_features = num_features
         self.freeze_backbone = freeze_backbone
-        if head == "linear":
-            self.head = nn.Linear(num_features, bits)
-        else:
-            self.head = nn.Sequential(
-                nn.Linear(num_features, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, bits)
-            )
+        self.head = HEADS[head](num_features, bits, hidden)
         if freeze_backbone:
             for p in self.backbone.parameters():
                 p.requires_grad_(False)
@@ -277,16 +280,16 @@ def create_model(
     """
     if isinstance(bits, bool) or not isinstance(bits, int) or bits <= 0:
         raise ValueError(f"bits must be a positive integer, got {bits!r}")
-    if head not in ("linear", "mlp"):
-        raise ValueError(f"head must be 'linear' or 'mlp', got {head!r}")
+    if head not in HEADS:
+        raise ValueError(f"head must be one of {list(HEADS)}, got {head!r}")
     if name in _CUSTOM:
         if pretrained and weights is None:
             raise ValueError(f"{name!r} has no pretrained weights; pass weights=PATH or none")
         backbone = _CUSTOM[name]()
         if weights is not None:
             load_backbone_weights(backbone, weights)
-        return HashModel(backbone, backbone.num_features, bits, head, hidden, freeze_backbone,
-                         name)
+        return HashModel(backbone, num_features=backbone.num_features, bits=bits, head=head,
+                         hidden=hidden, freeze_backbone=freeze_backbone, name=name)
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models() + list(_CUSTOM), n=5)
         raise ValueError(
@@ -320,4 +323,5 @@ def create_model(
     if path is not None:
         load_backbone_weights(backbone, path)
     backbone.reset_classifier(0)
-    return HashModel(backbone, backbone.num_features, bits, head, hidden, freeze_backbone, name)
+    return HashModel(backbone, num_features=backbone.num_features, bits=bits, head=head,
+                     hidden=hidden, freeze_backbone=freeze_backbone, name=name)

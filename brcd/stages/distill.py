@@ -1,0 +1,214 @@
+"""The distill stage: train the student with a registered objective (:data:`brcd.losses.METHODS`).
+
+The student seed (``distill.seed``) drives only the student (init, batch order, view pairs or
+fresh views); the split, view bank and teacher stay those of the run seed. With a view cache
+(``student.train.cache_views`` and a frozen teacher backbone) the teacher's codes of every bank
+view are computed once; a step feeds the student the SAME bank images whose teacher codes it
+uses. Without one, the teacher encodes the student's fresh views in the same step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import data as D
+from ..config import Config, DistillConfig, StageConfig
+from ..losses import METHODS, KDBatch, cibhash_loss
+from ..masks import ClusterMasks
+from ..models import HashModel
+from ..trainer import Trainer, seed_everything
+from . import views as V
+from .context import Context, OwnLoss
+from .encode import build_model, encode_images, head_codes, model_spec
+from .evaluate import retrieval_map
+from .masks import load_teacher
+from .teacher import check_batch_size, teacher_model_config
+
+__all__ = ["DistillInput", "DistillResult", "distill"]
+
+
+@dataclass(frozen=True)
+class DistillInput:
+    """The distill and student sections, the teacher section (its view-cache settings), the
+    code length, the own loss, the teacher checkpoint (None: ``<out_dir>/teacher_masks.pt``)
+    and an optional student checkpoint to resume."""
+
+    distill: DistillConfig
+    student: StageConfig
+    teacher_stage: StageConfig
+    bits: int
+    own: OwnLoss = field(default_factory=OwnLoss)
+    teacher: Path | None = None
+    resume: Path | None = None
+
+    @classmethod
+    def from_config(cls, cfg: Config, teacher: str | Path | None = None,
+                    resume: str | Path | None = None) -> DistillInput:
+        """The distill stage's input from a run config."""
+        return cls(cfg.distill, cfg.student, cfg.teacher, cfg.bits, OwnLoss.from_config(cfg),
+                   Path(teacher) if teacher else None, Path(resume) if resume else None)
+
+
+@dataclass
+class DistillResult:
+    """``checkpoint``: the best-ASHP student (else best-SSHP, else last); ``checkpoints``:
+    every one written (``best_ashp`` / ``best_sshp`` / ``last``); ``history``: per epoch."""
+
+    checkpoint: Path
+    checkpoints: dict[str, Path]
+    history: list[dict[str, Any]]
+    best: dict[str, float]
+
+
+@dataclass
+class _Teacher:
+    path: Path
+    model: HashModel
+    spec: dict
+    masks: ClusterMasks | None
+
+
+def _teacher(inp: DistillInput, ctx: Context) -> _Teacher | None:
+    method = METHODS[inp.distill.method]
+    path = Path(inp.teacher) if inp.teacher else ctx.out_dir / "teacher_masks.pt"
+    if not method.needs_teacher and not path.is_file():
+        return None
+    ckpt, model, spec = load_teacher(path, inp.bits)
+    model.to(ctx.device).requires_grad_(False)
+    masks = None
+    if ckpt.get("masks") is not None:
+        masks = ClusterMasks.from_dict(ckpt["masks"])
+        if not np.array_equal(masks.train_indices.numpy(), ctx.splits.train_indices):
+            raise ValueError("the masks in the teacher checkpoint were built on another "
+                             "training split (data config / seed differ); rerun build-masks")
+    if method.needs_masks and masks is None:
+        raise ValueError(f"--method {method.name} needs clusters and masks in {path}; run "
+                         "build-masks")
+    return _Teacher(path, model, spec, masks)
+
+
+def _batches(inp: DistillInput, ctx: Context, t: _Teacher | None, sseed: int):
+    """``epoch -> iterator of (x1, x2, idx, t1, t2)`` and the view cache (or None)."""
+    st, n = inp.student, len(ctx.splits.train)
+    bs, nv, steps = st.train.batch_size, st.train.cache_views, st.train.steps_per_epoch
+    use_bank = bool(nv) and t is not None and t.spec["freeze_backbone"]
+    if nv and not use_bank and t is not None:
+        ctx.log("note: student.train.cache_views is ignored (the teacher backbone is not frozen)")
+    if use_bank:
+        mc = teacher_model_config(inp.teacher_stage.model, t.spec)
+        cache = V.view_cache(ctx, model=t.model, model_cfg=mc, n_views=nv,
+                             extract=inp.teacher_stage.train)
+        tcodes = head_codes(t.model, cache.feats.reshape(-1, cache.feats.shape[-1]), ctx.device)
+        tcodes = tcodes.reshape(n, nv, -1)
+
+        def batches(epoch):
+            for idx, v1, v2 in V.index_batches(n, bs, epoch, sseed, nv, steps):
+                yield (cache.views[idx, v1], cache.views[idx, v2], idx, tcodes[idx, v1],
+                       tcodes[idx, v2])
+        return batches, cache
+
+    base = D.base_images(ctx.splits.train, ctx.data.view_size, ctx.data.num_workers)
+    coded = t is not None and METHODS[inp.distill.method].kd_loss is not None
+
+    def batches(epoch):
+        for x1, x2, idx in V.fresh_batches(base, batch_size=bs, epoch=epoch, steps=steps,
+                                           seed=sseed, mode=ctx.data.augment):
+            t1 = t2 = None
+            if coded:
+                with torch.no_grad():
+                    t1 = t.model(D.prepare_batch(x1, t.spec["image_size"], ctx.device)).codes
+                    t2 = t.model(D.prepare_batch(x2, t.spec["image_size"], ctx.device)).codes
+            yield x1, x2, idx, t1, t2
+    return batches, None
+
+
+def _step_fn(inp: DistillInput, ctx: Context, fwd, t: _Teacher | None):
+    method, dc, own = METHODS[inp.distill.method], inp.distill, inp.own
+    weight = dc.kd_weight if dc.kd_weight is not None else method.weight
+    size, cl, device = inp.student.model.image_size, inp.student.train.channels_last, ctx.device
+    m = t.masks if t is not None else None
+    ids = m.train_cluster_ids.to(device) if m is not None else None
+    table = m.mask_table.to(device) if m is not None else None
+    centroids = m.centroids.to(device) if m is not None else None
+
+    def step(batch):
+        x1, x2, idx, t1, t2 = batch
+        s1 = fwd(D.prepare_batch(x1, size, device, cl))
+        s2 = fwd(D.prepare_batch(x2, size, device, cl))
+        loss, parts = cibhash_loss(s1, s2, own.temperature, own.kl_weight)
+        if method.kd_loss is None:
+            return loss, parts
+        kd = method.kd_loss(KDBatch(
+            s1, s2, t1.to(device).float(), t2.to(device).float(),
+            ids[idx.to(device)] if ids is not None else None, table, centroids,
+            own.temperature, dc))
+        parts["own"], parts["kd"] = float(loss.detach()), float(kd.detach())
+        return loss + weight * kd, parts
+    return step
+
+
+def _validator(inp: DistillInput, ctx: Context, student: HashModel, t: _Teacher | None, cache):
+    sp, vs, topk = ctx.splits, ctx.data.view_size, ctx.topk
+    size, device = inp.student.model.image_size, ctx.device
+    t_db: list[torch.Tensor] = []  # the teacher's database codes, encoded once
+
+    def validate():
+        q = encode_images(student, sp.val, vs, size, device=device)
+        db = encode_images(student, sp.train, vs, size, device=device)
+        res = {"sshp": retrieval_map(q, db, sp.val.labels, sp.train.labels, topk)}
+        if t is not None:
+            if not t_db:
+                t_db.append(head_codes(t.model, cache.det_feats, device) if cache is not None
+                            else encode_images(t.model, sp.train, vs, t.spec["image_size"],
+                                               device=device))
+            res["ashp"] = retrieval_map(q, t_db[0], sp.val.labels, sp.train.labels, topk)
+        return res
+    return validate
+
+
+def distill(inp: DistillInput, ctx: Context) -> DistillResult:
+    """Train the student with ``inp.distill.method`` (see :data:`brcd.losses.METHODS`).
+
+    Args:
+        inp: the student's settings and teacher. ctx: the run context.
+
+    Returns:
+        a :class:`DistillResult`.
+    """
+    seed_everything(ctx.seed)
+    ctx.log(ctx.splits.summary())
+    t = _teacher(inp, ctx)
+    st, dc = inp.student, inp.distill
+    sseed = ctx.seed if dc.seed is None else int(dc.seed)
+    seed_everything(sseed)
+    student = build_model(st.model, inp.bits, st.train.autocast).to(ctx.device)
+    if st.train.channels_last:
+        student.to(memory_format=torch.channels_last)
+    fwd = torch.compile(student) if st.train.compile else student
+    n, bs = len(ctx.splits.train), st.train.batch_size
+    check_batch_size(n, bs, "student")
+    batches, cache = _batches(inp, ctx, t, sseed)
+    extra = {"kind": "student", "bits": inp.bits, "spec": model_spec(st.model, inp.bits),
+             "config": ctx.record, "method": dc.method,
+             "masks": t.masks.to_dict() if t is not None and t.masks is not None else None,
+             "teacher_path": str(t.path.resolve()) if t is not None else None}
+    trainer = Trainer(student, st.train, device=ctx.device, out_dir=ctx.out_dir, tag="student",
+                      step_fn=_step_fn(inp, ctx, fwd, t), batches=batches,
+                      steps_per_epoch=V.steps_per_epoch(n, bs, st.train.steps_per_epoch),
+                      batch_images=bs * 2,
+                      validate=(_validator(inp, ctx, student, t, cache)
+                                if len(ctx.splits.val) else None),
+                      extra=extra, progress=ctx.progress)
+    if inp.resume:
+        trainer.resume(inp.resume)
+    history = trainer.fit()
+    written = {w: trainer.path(w) for w in ("best_ashp", "best_sshp", "last")
+               if trainer.path(w).is_file()}
+    if not written:
+        raise RuntimeError("distill produced no checkpoint (student.train.epochs = 0?)")
+    return DistillResult(next(iter(written.values())), written, history, dict(trainer.best))

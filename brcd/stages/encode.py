@@ -1,0 +1,168 @@
+"""The encode stage: build or load hashing models and turn images, views or cached features
+into ±1 codes (or backbone features)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import data as D
+from ..config import ModelConfig
+from ..models import HashModel, create_model
+from ..trainer import load_checkpoint
+
+__all__ = [
+    "resolve_device",
+    "build_model",
+    "model_spec",
+    "load_model",
+    "encode_batches",
+    "encode_images",
+    "encode_views",
+    "head_codes",
+    "encode",
+    "shared_backbone_codes",
+]
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """``"auto"`` → CUDA when available, else CPU; any other name as ``torch.device``."""
+    if isinstance(name, torch.device):
+        return name
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def build_model(mc: ModelConfig, bits: int, autocast: str = "none") -> HashModel:
+    """A fresh model of ``mc``; ``autocast`` is the stage's ``train.autocast``."""
+    model = create_model(mc.name, bits, pretrained=mc.pretrained, weights=mc.weights,
+                         freeze_backbone=mc.freeze_backbone, head=mc.head, hidden=mc.hidden)
+    return model.set_autocast(autocast)
+
+
+def model_spec(mc: ModelConfig, bits: int) -> dict[str, Any]:
+    """What a checkpoint stores to rebuild the model without weight files."""
+    return {"name": mc.name, "bits": bits, "head": mc.head, "hidden": mc.hidden,
+            "freeze_backbone": mc.freeze_backbone, "image_size": mc.image_size}
+
+
+def load_model(ckpt: str | Path | dict, bits: int | None = None) -> tuple[HashModel, dict]:
+    """Rebuild a hashing model from a brcd checkpoint (no weight files needed).
+
+    Args:
+        ckpt: checkpoint path or loaded dict. bits: if given, the expected code length.
+
+    Returns:
+        ``(model in eval mode, spec dict)``.
+
+    Example:
+        >>> model, spec = load_model("runs/brcd/student_last.pt")  # doctest: +SKIP
+    """
+    c = load_checkpoint(ckpt) if not isinstance(ckpt, dict) else ckpt
+    spec = c["spec"]
+    if bits is not None and spec["bits"] != bits:
+        raise ValueError(f"checkpoint has {spec['bits']}-bit codes but bits={bits} was requested")
+    model = create_model(spec["name"], spec["bits"], freeze_backbone=spec["freeze_backbone"],
+                         head=spec["head"], hidden=spec["hidden"])
+    model.load_state_dict(c["model"])
+    return model.eval(), spec
+
+
+@torch.no_grad()
+def encode_batches(model: HashModel, batches: Iterable[torch.Tensor], size: int, *,
+                   device: torch.device | None = None, features: bool = False,
+                   channels_last: bool = False) -> torch.Tensor:
+    """Codes (or backbone features) of uint8 view batches, float32 on the CPU, in eval mode.
+
+    Shape:
+        batches of ``[B, 3, S, S]`` uint8 -> ``[N, L]`` codes or ``[N, D]`` features.
+    """
+    was = model.training
+    model.eval()
+    out = []
+    for x in batches:
+        x = D.prepare_batch(x, size, device, channels_last)
+        out.append((model.features(x) if features else model(x).codes).float().cpu())
+    model.train(was)
+    return torch.cat(out)
+
+
+def encode_images(model: HashModel, images: D.ImageSet, view_size: int, image_size: int, *,
+                  device: torch.device, batch_size: int = 256, num_workers: int = 0,
+                  features: bool = False) -> torch.Tensor:
+    """±1 codes (or backbone features) of the deterministic views of ``images``.
+
+    Shape:
+        -> ``[N, L]`` codes, or ``[N, D]`` features with ``features=True``.
+    """
+    return encode_batches(model, D.eval_views(images, view_size, batch_size, num_workers),
+                          image_size, device=device, features=features)
+
+
+def encode_views(model: HashModel, views: torch.Tensor, size: int, *, batch: int = 512,
+                 features: bool = False, channels_last: bool = True) -> torch.Tensor:
+    """Codes (or features) of prepared uint8 views ``[N, 3, S, S]`` on the CPU, in batches."""
+    return encode_batches(model, (views[i:i + batch] for i in range(0, len(views), batch)),
+                          size, features=features, channels_last=channels_last)
+
+
+@torch.no_grad()
+def head_codes(model: HashModel, feats: torch.Tensor, device: torch.device,
+               batch: int = 4096) -> torch.Tensor:
+    """±1 codes of cached backbone features ``[N, D]`` through the hash head (on the CPU)."""
+    was = model.training
+    model.eval()
+    out = [model.head_forward(feats[i:i + batch].to(device).float()).codes.cpu()
+           for i in range(0, len(feats), batch)]
+    model.train(was)
+    return torch.cat(out)
+
+
+def encode(checkpoint: str | Path | dict, images: D.ImageSet, view_size: int,
+           device: str | torch.device = "auto", bits: int | None = None,
+           batch_size: int = 256) -> torch.Tensor:
+    """The encode stage: ±1 codes ``[N, L]`` of ``images`` (deterministic view) by a checkpoint.
+
+    Args:
+        checkpoint: a teacher or student checkpoint (path or loaded dict).
+        images: the images. view_size: ``data.view_size``. device: ``"auto"``, ``"cpu"``, ...
+        bits: the expected code length (None: the checkpoint's). batch_size: images per batch.
+
+    Returns:
+        float32 ±1 codes on the CPU.
+
+    Example:
+        >>> codes = encode("runs/brcd/student_last.pt", splits.query, 16)  # doctest: +SKIP
+    """
+    model, spec = load_model(checkpoint, bits)
+    dev = resolve_device(device)
+    return encode_images(model.to(dev), images, view_size, spec["image_size"], device=dev,
+                         batch_size=batch_size)
+
+
+@torch.no_grad()
+def shared_backbone_codes(checkpoints: dict[int, str | Path], views: dict[str, torch.Tensor], *,
+                          autocast: str = "none") -> dict[int, dict[str, torch.Tensor]]:
+    """Codes of several teachers (one per code length) that share one frozen backbone: the
+    backbone features of each view set are computed once, then every head codes them.
+
+    Args:
+        checkpoints: ``{bits: teacher checkpoint}``. views: ``{name: uint8 [N, 3, S, S]}``.
+        autocast: precision of the feature pass (``"none"`` | ``"bf16"``).
+
+    Returns:
+        ``{bits: {name: float32 ±1 codes [N, bits]}}``.
+    """
+    out, feats = {}, None
+    for b, path in checkpoints.items():
+        model, spec = load_model(path, b)
+        if feats is None:
+            model.set_autocast(autocast)
+            feats = {k: encode_views(model, v, spec["image_size"], batch=256, features=True)
+                     for k, v in views.items()}
+        out[b] = {k: model.head_forward(f).codes.float() for k, f in feats.items()}
+    return out

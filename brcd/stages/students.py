@@ -1,0 +1,113 @@
+"""Many student runs at once: each a distill stage plus the codes of its validation-selected
+checkpoints, in parallel single-threaded worker processes (the demo's hot path)."""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import config_from_dict
+from ..trainer import load_checkpoint
+from .context import make_context
+from .distill import DistillInput, distill
+from .encode import encode_views, load_model
+
+__all__ = ["StudentJob", "student_job", "run_students"]
+
+
+@dataclass(frozen=True)
+class StudentJob:
+    """One student run: its config (as a dict, so it pickles), the teacher checkpoint and the
+    ``{"query", "database"}`` uint8 deterministic views to encode (a ``torch.save`` file)."""
+
+    bits: int
+    method: str
+    seed: int
+    config: dict[str, Any]
+    teacher: str
+    eval_views: str
+    threads: int = 1
+
+
+def _history(out: Path) -> list[dict]:
+    log = out / "student_metrics.jsonl"
+    if not log.is_file():
+        return []
+    return [{k: v for k, v in json.loads(line).items() if k != "step_losses"}
+            for line in log.read_text().splitlines()]
+
+
+def student_job(job: StudentJob, progress: bool = False) -> dict[str, Any]:
+    """Distill, then encode the queries (and, for SSHP, the database) with the best-SSHP and
+    best-ASHP checkpoints. Returns int8 codes, their epochs and validation scores, timings
+    and the training log."""
+    torch.set_num_threads(job.threads)
+    cfg = config_from_dict(job.config)
+    out = Path(cfg.out_dir)
+    for old in out.glob("student_*"):
+        old.unlink()  # a rerun starts afresh (the trainer appends to its metrics log)
+    t0 = time.perf_counter()
+    distill(DistillInput.from_config(cfg, teacher=job.teacher), make_context(cfg, progress))
+    train_s = time.perf_counter() - t0
+    ev = torch.load(job.eval_views, weights_only=True)
+    res: dict[str, Any] = {"job": {"bits": job.bits, "method": job.method, "seed": job.seed},
+                           "train_s": round(train_s, 1)}
+    size = cfg.student.model.image_size
+    encoded: dict[int, dict] = {}
+    for paradigm in ("sshp", "ashp"):
+        path = out / f"student_best_{paradigm}.pt"
+        ckpt = load_checkpoint(path if path.is_file() else out / "student_last.pt")
+        epoch = int(ckpt["epoch"])
+        enc = encoded.setdefault(epoch, {})
+        model = None
+        for split in ("query", "database") if paradigm == "sshp" else ("query",):
+            if split not in enc:
+                model = model or load_model(ckpt, cfg.bits)[0]
+                enc[split] = encode_views(model, ev[split], size)
+        res[f"{paradigm}_epoch"] = epoch
+        res[f"{paradigm}_val"] = float(ckpt.get("best", {}).get(paradigm, float("nan")))
+        res[f"{paradigm}_query"] = enc["query"].to(torch.int8)
+        if paradigm == "sshp":
+            res["sshp_database"] = enc["database"].to(torch.int8)
+    res["eval_s"] = round(time.perf_counter() - t0 - train_s, 1)
+    res["history"] = _history(out)
+    return res
+
+
+def run_students(jobs: list[StudentJob], workers: int) -> list[dict[str, Any]]:
+    """Run ``jobs`` (``workers`` processes, or in this process when ``workers <= 1``).
+
+    Returns:
+        the :func:`student_job` results in the order of ``jobs``.
+    """
+    from tqdm.auto import tqdm
+
+    results: dict[int, dict] = {}
+    bar = tqdm(total=len(jobs), desc="students", dynamic_ncols=True)
+
+    def done(i: int, r: dict) -> None:
+        j = r["job"]
+        results[i] = r
+        bar.update(1)
+        tqdm.write(f"   {j['method']:>8} {j['bits']}b seed {j['seed']}: val SSHP "
+                   f"{r['sshp_val']:.3f} ASHP {r['ashp_val']:.3f} (train {r['train_s']:.0f}s)")
+
+    if workers <= 1:
+        for i, job in enumerate(jobs):
+            done(i, student_job(job, progress=True))
+    else:
+        ctx = get_context("spawn")  # fresh interpreters: no forked OpenMP state
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as ex:
+            futs = {ex.submit(student_job, job): i for i, job in enumerate(jobs)}
+            for f in as_completed(futs):
+                done(futs[f], f.result())
+    bar.close()
+    return [results[i] for i in range(len(jobs))]
+

@@ -1,0 +1,156 @@
+"""Training views: the frozen-backbone view cache and the per-epoch batch schedules.
+
+* A *view bank* holds V augmented uint8 views per training image plus its deterministic view,
+  all at ``data.view_size`` (BRCD_SPEC §7 augmentation, seeded per (image, view)). The frozen
+  teacher backbone encodes every bank view once; the features (float16) and the bank are kept
+  in ``<cache_dir>/views_<key>.pt`` under a key of everything that determines them, so teacher
+  training, mask building and distillation extract them only once. The extraction runs under
+  the teacher stage's ``train.autocast`` with its ``train.channels_last`` inputs; the key leaves
+  both out, so a cache extracted under bf16 serves float32 runs too.
+* :func:`index_batches` draws, per epoch, a permutation of the images and two distinct bank view
+  numbers per image; :func:`fresh_batches` makes two on-the-fly views per image instead, keyed
+  by (seed, epoch, image, view) (:func:`brcd.augment.view_keys`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .. import augment as A
+from .. import data as D
+from ..config import ModelConfig, TrainConfig
+from ..models import HashModel
+from ..trainer import save_checkpoint
+from .context import Context
+
+__all__ = ["ViewCache", "view_cache", "cache_path", "pair_views", "index_batches",
+           "fresh_batches"]
+
+
+@dataclass
+class ViewCache:
+    """Bank views and frozen-backbone features of the training split (see module docstring)."""
+
+    views: torch.Tensor  # uint8 [N, V, 3, S, S]
+    det: torch.Tensor  # uint8 [N, 3, S, S]
+    feats: torch.Tensor  # float16 [N, V, D]
+    det_feats: torch.Tensor  # float16 [N, D]
+
+
+def cache_path(ctx: Context, mc: ModelConfig, n_views: int) -> Path:
+    """``<cache_dir>/views_<key>.pt``: the key covers the data section, the seed, the
+    backbone (name, weights, input size), the number of views and the training split."""
+    blob = json.dumps({
+        "data": dataclasses.asdict(ctx.data) | {"num_workers": 0}, "seed": ctx.seed,
+        "model": mc.name, "weights": str(mc.weights), "pretrained": mc.pretrained,
+        "size": mc.image_size, "views": n_views,
+        "train": hashlib.sha1(np.ascontiguousarray(ctx.splits.train_indices).tobytes()).hexdigest(),
+    }, sort_keys=True)
+    return ctx.cache_dir / f"views_{hashlib.sha1(blob.encode()).hexdigest()[:16]}.pt"
+
+
+def _load(path: Path, ctx: Context) -> ViewCache:
+    ctx.log(f"view cache: loading {path}")
+    return ViewCache(**torch.load(path, map_location="cpu", weights_only=True))
+
+
+@torch.no_grad()
+def _features(model: HashModel, x: torch.Tensor, size: int, ctx: Context, channels_last: bool,
+              bar) -> torch.Tensor:
+    out = []
+    for i in range(0, len(x), 256):
+        xb = D.prepare_batch(x[i:i + 256], size, ctx.device, channels_last)
+        out.append(model.features(xb).to(torch.float16).cpu())
+        bar.update(len(xb))
+    return torch.cat(out)
+
+
+def view_cache(ctx: Context, *, model: HashModel | None, model_cfg: ModelConfig, n_views: int,
+               extract: TrainConfig) -> ViewCache:
+    """Load the view cache, or make the bank and extract its features with ``model``.
+
+    Args:
+        ctx: the run context. model: the teacher whose (frozen) backbone extracts the features;
+            None only when the cache file must already exist. model_cfg: the teacher backbone's
+            config (keys the cache). n_views: views per image (>= 2). extract: the teacher
+            stage's ``train`` section (``autocast`` and ``channels_last`` of the extraction).
+
+    Shape:
+        views ``[N, V, 3, S, S]`` uint8, det ``[N, 3, S, S]`` uint8, feats ``[N, V, D]``
+        float16, det_feats ``[N, D]`` float16 (S = ``data.view_size``, N training images).
+
+    Returns:
+        the :class:`ViewCache` (on the CPU).
+    """
+    path = cache_path(ctx, model_cfg, n_views)
+    if path.is_file():
+        return _load(path, ctx)
+    if model is None:
+        raise ValueError(f"no view cache at {path} and no teacher to build it")
+    t0 = time.perf_counter()
+    views, det = A.make_views(ctx.splits.train, ctx.data.view_size, n_views, seed=ctx.seed,
+                              num_workers=ctx.data.num_workers, mode=ctx.data.augment)
+    t1 = time.perf_counter()
+    n, v = views.shape[:2]
+    flat = views.reshape(n * v, *views.shape[2:])
+    was_training, was_autocast = model.training, model.autocast
+    model.eval().set_autocast(extract.autocast)
+    size, cl = model_cfg.image_size, extract.channels_last
+    try:
+        with tqdm(total=len(flat) + len(det), desc="backbone features", unit="img",
+                  disable=not ctx.progress or ctx.logger not in (None, print),
+                  leave=False, dynamic_ncols=True) as bar:
+            feats = _features(model, flat, size, ctx, cl, bar).reshape(n, v, -1)
+            det_feats = _features(model, det, size, ctx, cl, bar)
+    finally:  # the model may be a loaded teacher that the caller keeps using as it was
+        model.train(was_training).set_autocast(was_autocast)
+    ctx.log(f"view cache: {n} images x {v} views made in {t1 - t0:.1f}s, features "
+            f"{tuple(feats.shape)} extracted in {time.perf_counter() - t1:.1f}s")
+    cache = ViewCache(views, det, feats, det_feats)
+    save_checkpoint(cache.__dict__, path)
+    return cache
+
+
+def pair_views(n_views: int, size: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two distinct view numbers per image, uniform over ordered pairs."""
+    v1 = torch.randint(n_views, (size,), generator=gen)
+    v2 = (v1 + torch.randint(1, n_views, (size,), generator=gen)) % n_views
+    return v1, v2
+
+
+def index_batches(n: int, batch_size: int, epoch: int, seed: int, n_views: int,
+                  steps: int | None) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per step: image indices and their two view numbers (a function of seed and epoch)."""
+    gen = torch.Generator().manual_seed(seed * 7919 + epoch)
+    perm = torch.randperm(n, generator=gen)
+    v1, v2 = pair_views(n_views, n, gen)
+    n_steps = n // batch_size if steps is None else steps
+    for s in range(n_steps):
+        j = torch.arange(s * batch_size, (s + 1) * batch_size) % n
+        yield perm[j], v1[perm[j]], v2[perm[j]]
+
+
+def fresh_batches(base: torch.Tensor, *, batch_size: int, epoch: int, steps: int | None,
+                  seed: int, mode: str
+                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """On-the-fly two views per image, keyed by (seed, epoch, index, view 0/1)."""
+    for idx, _, _ in index_batches(len(base), batch_size, epoch, seed, 2, steps):
+        keys = idx.numpy()
+        yield (A.augment(base[idx], A.view_keys(seed, epoch, keys, 0), mode),
+               A.augment(base[idx], A.view_keys(seed, epoch, keys, 1), mode),
+               idx)
+
+
+def steps_per_epoch(n: int, batch_size: int, steps: int | None) -> int:
+    """Optimiser steps per epoch: ``steps`` or one pass over the ``n`` training images."""
+    return steps if steps is not None else max(1, n // batch_size)
