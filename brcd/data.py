@@ -103,7 +103,7 @@ class Splits:
 Loader = Callable[[Path | None], "tuple[ImageSet, ImageSet | None]"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Dataset:
     """A registered dataset: ``loader(root) -> (train pool, test pool or None)``.
 
@@ -149,7 +149,8 @@ def register_dataset(name: str, *, default_root: str | None = None, needs_root: 
         raise ValueError(f"dataset {name!r} is already registered")
 
     def deco(fn: Loader) -> Loader:
-        DATASETS[name] = Dataset(name, fn, default_root, needs_root, help)
+        DATASETS[name] = Dataset(name=name, loader=fn, default_root=default_root,
+                                 needs_root=needs_root, help=help)
         return fn
 
     return deco

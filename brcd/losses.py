@@ -183,7 +183,7 @@ def rkd_distance_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Ten
 
 
 # ---- the method registry ---------------------------------------------------------------------
-@dataclass
+@dataclass(kw_only=True)
 class KDBatch:
     """What a KD term sees in one distillation step (both views of the same B images).
 
@@ -209,7 +209,7 @@ class KDBatch:
 KDLoss = Callable[[KDBatch], torch.Tensor]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Method:
     """A student objective: ``L_own + weight * kd_loss`` (``kd_loss`` None: ``L_own`` only).
 
@@ -260,8 +260,9 @@ def register_method(name: str, *, label: str, weight: float = 1.0, needs_teacher
         raise ValueError(f"method {name!r} is already registered")
 
     def deco(fn: KDLoss | None) -> KDLoss | None:
-        METHODS[name] = Method(name, label, fn, float(weight), needs_teacher, needs_masks,
-                               shares_teacher_space, help)
+        METHODS[name] = Method(name=name, label=label, kd_loss=fn, weight=float(weight),
+                               needs_teacher=needs_teacher, needs_masks=needs_masks,
+                               shares_teacher_space=shares_teacher_space, help=help)
         return fn
 
     return deco

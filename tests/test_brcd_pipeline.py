@@ -218,8 +218,8 @@ def test_cached_views_student_sees_the_views_the_teacher_coded(tmp_path):
     seen = []
     orig = V.index_batches
 
-    def spy(*args):
-        for idx, v1, v2 in orig(*args):
+    def spy(*args, **kwargs):
+        for idx, v1, v2 in orig(*args, **kwargs):
             seen.append((idx, v1, v2))
             yield idx, v1, v2
 

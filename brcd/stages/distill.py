@@ -32,7 +32,7 @@ from .teacher import check_batch_size, teacher_model_config
 __all__ = ["DistillInput", "DistillResult", "distill"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DistillInput:
     """The distill and student sections, the teacher section (its view-cache settings), the
     code length, the own loss, the teacher checkpoint (None: ``<out_dir>/teacher_masks.pt``)
@@ -50,8 +50,10 @@ class DistillInput:
     def from_config(cls, cfg: Config, teacher: str | Path | None = None,
                     resume: str | Path | None = None) -> DistillInput:
         """The distill stage's input from a run config."""
-        return cls(cfg.distill, cfg.student, cfg.teacher, cfg.bits, OwnLoss.from_config(cfg),
-                   Path(teacher) if teacher else None, Path(resume) if resume else None)
+        return cls(distill=cfg.distill, student=cfg.student, teacher_stage=cfg.teacher,
+                   bits=cfg.bits, own=OwnLoss.from_config(cfg),
+                   teacher=Path(teacher) if teacher else None,
+                   resume=Path(resume) if resume else None)
 
 
 @dataclass
@@ -107,7 +109,8 @@ def _batches(inp: DistillInput, ctx: Context, t: _Teacher | None, sseed: int):
         tcodes = tcodes.reshape(n, nv, -1)
 
         def batches(epoch):
-            for idx, v1, v2 in V.index_batches(n, bs, epoch, sseed, nv, steps):
+            for idx, v1, v2 in V.index_batches(n, batch_size=bs, epoch=epoch, seed=sseed,
+                                               n_views=nv, steps=steps):
                 yield (cache.views[idx, v1], cache.views[idx, v2], idx, tcodes[idx, v1],
                        tcodes[idx, v2])
         return batches, cache
@@ -144,9 +147,9 @@ def _step_fn(inp: DistillInput, ctx: Context, fwd, t: _Teacher | None):
         if method.kd_loss is None:
             return loss, parts
         kd = method.kd_loss(KDBatch(
-            s1, s2, t1.to(device).float(), t2.to(device).float(),
-            ids[idx.to(device)] if ids is not None else None, table, centroids,
-            own.temperature, dc))
+            s1=s1, s2=s2, t1=t1.to(device).float(), t2=t2.to(device).float(),
+            cluster_ids=ids[idx.to(device)] if ids is not None else None, mask_table=table,
+            centroids=centroids, temperature=own.temperature, options=dc))
         parts["own"], parts["kd"] = float(loss.detach()), float(kd.detach())
         return loss + weight * kd, parts
     return step
@@ -160,13 +163,14 @@ def _validator(inp: DistillInput, ctx: Context, student: HashModel, t: _Teacher 
     def validate():
         q = encode_images(student, sp.val, vs, size, device=device)
         db = encode_images(student, sp.train, vs, size, device=device)
-        res = {"sshp": retrieval_map(q, db, sp.val.labels, sp.train.labels, topk)}
+        res = {"sshp": retrieval_map(q, db, sp.val.labels, sp.train.labels, topk=topk)}
         if t is not None:
             if not t_db:
                 t_db.append(head_codes(t.model, cache.det_feats, device) if cache is not None
                             else encode_images(t.model, sp.train, vs, t.spec["image_size"],
                                                device=device))
-            res["ashp"] = retrieval_map(q, t_db[0], sp.val.labels, sp.train.labels, topk)
+            res["ashp"] = retrieval_map(q, t_db[0], sp.val.labels, sp.train.labels,
+                                       topk=topk)
         return res
     return validate
 

@@ -123,7 +123,7 @@ def head_codes(model: HashModel, feats: torch.Tensor, device: torch.device,
 
 
 def encode(checkpoint: str | Path | dict, images: D.ImageSet, view_size: int,
-           device: str | torch.device = "auto", bits: int | None = None,
+           device: str | torch.device = "auto", *, bits: int | None = None,
            batch_size: int = 256) -> torch.Tensor:
     """The encode stage: ±1 codes ``[N, L]`` of ``images`` (deterministic view) by a checkpoint.
 

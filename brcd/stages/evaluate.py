@@ -21,7 +21,7 @@ from .encode import encode_images, load_model
 __all__ = ["EvalInput", "evaluate", "retrieval_map", "score_run", "score_runs"]
 
 
-def retrieval_map(query_codes, db_codes, query_labels, db_labels, topk: int) -> float:
+def retrieval_map(query_codes, db_codes, query_labels, db_labels, *, topk: int) -> float:
     """mAP@topk (clipped to the database size) of ±1 codes (torch or numpy)."""
     q = query_codes.numpy() if isinstance(query_codes, torch.Tensor) else query_codes
     db = db_codes.numpy() if isinstance(db_codes, torch.Tensor) else db_codes
@@ -30,7 +30,7 @@ def retrieval_map(query_codes, db_codes, query_labels, db_labels, topk: int) -> 
                                     map_all=False).map_at_k)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EvalInput:
     """The checkpoints to evaluate, the code length, and whether to add the student's teacher
     (from its checkpoint) when ``teacher`` is None."""
@@ -43,8 +43,9 @@ class EvalInput:
     @classmethod
     def from_config(cls, cfg, student=None, teacher=None, with_teacher: bool = True) -> EvalInput:
         """The evaluate stage's input (``cfg.bits``) for the given checkpoints."""
-        return cls(cfg.bits, Path(student) if student is not None else None,
-                   Path(teacher) if teacher is not None else None, with_teacher)
+        return cls(bits=cfg.bits, student=Path(student) if student is not None else None,
+                   teacher=Path(teacher) if teacher is not None else None,
+                   with_teacher=with_teacher)
 
 
 def evaluate(inp: EvalInput, ctx: Context) -> dict[str, float]:
@@ -71,15 +72,15 @@ def evaluate(inp: EvalInput, ctx: Context) -> dict[str, float]:
     if inp.student is not None:
         s_ckpt = load_checkpoint(inp.student)
         sq, sdb = codes(s_ckpt)
-        res["sshp"] = retrieval_map(sq, sdb, ql, dl, k)
+        res["sshp"] = retrieval_map(sq, sdb, ql, dl, topk=k)
         tp = s_ckpt.get("teacher_path")
         if teacher is None and inp.with_teacher and tp and Path(tp).is_file():
             teacher = tp
     if teacher is not None:
         tq, tdb = codes(teacher)
-        res["teacher"] = retrieval_map(tq, tdb, ql, dl, k)
+        res["teacher"] = retrieval_map(tq, tdb, ql, dl, topk=k)
         if sq is not None:
-            res["ashp"] = retrieval_map(sq, tdb, ql, dl, k)
+            res["ashp"] = retrieval_map(sq, tdb, ql, dl, topk=k)
     if not res:
         raise ValueError("evaluate needs a student and/or a teacher checkpoint")
     return res

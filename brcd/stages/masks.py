@@ -21,7 +21,7 @@ __all__ = ["MasksInput", "MasksResult", "build_masks", "teacher_train_codes", "l
            "mask_stats"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class MasksInput:
     """The masks section, the teacher checkpoint, its stage section (view cache settings) and
     the code length."""
@@ -35,7 +35,7 @@ class MasksInput:
     def from_config(cls, cfg: Config, teacher: str | Path | None = None) -> MasksInput:
         """The masks stage's input; ``teacher`` defaults to the trained one in ``out_dir``."""
         path = Path(teacher) if teacher else default_teacher(Path(cfg.out_dir))
-        return cls(cfg.masks, path, cfg.teacher, cfg.bits)
+        return cls(masks=cfg.masks, teacher=path, teacher_stage=cfg.teacher, bits=cfg.bits)
 
 
 @dataclass

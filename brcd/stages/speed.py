@@ -30,7 +30,7 @@ def time_call(fn: Callable[[], Any], reps: int) -> float:
 
 
 @torch.no_grad()
-def encode_speed(teacher: HashModel, t_size: int, student: HashModel, s_size: int,
+def encode_speed(teacher: HashModel, student: HashModel, *, t_size: int, s_size: int,
                  batches: list[int]) -> dict[str, Any]:
     """ms per batch and images/s of the forward pass (fp32, eval mode, channels-last inputs).
 
@@ -124,8 +124,9 @@ def speed_report(teacher: str | Path, student: ModelConfig, teacher_codes: dict[
 
     tmodel, spec = load_model(teacher)
     smodel = create_model(student.name, spec["bits"], head=student.head, hidden=student.hidden)
-    enc = encode_speed(tmodel.to(memory_format=torch.channels_last), spec["image_size"],
-                       smodel.to(memory_format=torch.channels_last), student.image_size, batches)
+    enc = encode_speed(tmodel.to(memory_format=torch.channels_last),
+                       smodel.to(memory_format=torch.channels_last), t_size=spec["image_size"],
+                       s_size=student.image_size, batches=batches)
     log("encode: student speed-up over teacher " + ", ".join(
         f"{enc[f'speedup_bs{bs}']}x at batch {bs}" for bs in batches))
     search = search_speed(as_packed(teacher_codes["database"])[0],

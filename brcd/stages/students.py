@@ -22,7 +22,7 @@ from .encode import encode_views, load_model
 __all__ = ["StudentJob", "student_job", "run_students"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class StudentJob:
     """One student run: its config (as a dict, so it pickles), the teacher checkpoint and the
     ``{"query", "database"}`` uint8 deterministic views to encode (a ``torch.save`` file)."""

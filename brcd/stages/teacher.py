@@ -21,7 +21,7 @@ __all__ = ["TeacherInput", "TeacherResult", "train_teacher", "teacher_model_conf
            "default_teacher", "check_batch_size"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TeacherInput:
     """The teacher section, the code length, the own loss and an optional checkpoint to resume."""
 
@@ -33,8 +33,8 @@ class TeacherInput:
     @classmethod
     def from_config(cls, cfg: Config, resume: str | Path | None = None) -> TeacherInput:
         """The teacher stage's input from a run config."""
-        return cls(cfg.teacher, cfg.bits, OwnLoss.from_config(cfg),
-                   Path(resume) if resume else None)
+        return cls(stage=cfg.teacher, bits=cfg.bits, own=OwnLoss.from_config(cfg),
+                   resume=Path(resume) if resume else None)
 
 
 @dataclass
@@ -78,7 +78,8 @@ def train_teacher(inp: TeacherInput, ctx: Context) -> TeacherResult:
         cache = V.view_cache(ctx, model=model, model_cfg=st.model, n_views=nv, extract=st.train)
 
         def batches(epoch):
-            for idx, v1, v2 in V.index_batches(n, bs, epoch, ctx.seed, nv, steps):
+            for idx, v1, v2 in V.index_batches(n, batch_size=bs, epoch=epoch, seed=ctx.seed,
+                                               n_views=nv, steps=steps):
                 yield cache.feats[idx, v1], cache.feats[idx, v2]
 
         def step(batch):
@@ -102,7 +103,7 @@ def train_teacher(inp: TeacherInput, ctx: Context) -> TeacherResult:
               encode_images(model, splits.train, vs, size, device=device))
         q = encode_images(model, splits.val, vs, size, device=device)
         return {"teacher": retrieval_map(q, db, splits.val.labels, splits.train.labels,
-                                         ctx.topk)}
+                                         topk=ctx.topk)}
 
     extra = {"kind": "teacher", "bits": inp.bits, "spec": model_spec(st.model, inp.bits),
              "config": ctx.record}

@@ -65,8 +65,8 @@ def _load(path: Path, ctx: Context) -> ViewCache:
 
 
 @torch.no_grad()
-def _features(model: HashModel, x: torch.Tensor, size: int, ctx: Context, channels_last: bool,
-              bar) -> torch.Tensor:
+def _features(model: HashModel, x: torch.Tensor, *, size: int, ctx: Context,
+              channels_last: bool, bar) -> torch.Tensor:
     out = []
     for i in range(0, len(x), 256):
         xb = D.prepare_batch(x[i:i + 256], size, ctx.device, channels_last)
@@ -110,8 +110,9 @@ def view_cache(ctx: Context, *, model: HashModel | None, model_cfg: ModelConfig,
         with tqdm(total=len(flat) + len(det), desc="backbone features", unit="img",
                   disable=not ctx.progress or ctx.logger not in (None, print),
                   leave=False, dynamic_ncols=True) as bar:
-            feats = _features(model, flat, size, ctx, cl, bar).reshape(n, v, -1)
-            det_feats = _features(model, det, size, ctx, cl, bar)
+            opts = dict(size=size, ctx=ctx, channels_last=cl, bar=bar)
+            feats = _features(model, flat, **opts).reshape(n, v, -1)
+            det_feats = _features(model, det, **opts)
     finally:  # the model may be a loaded teacher that the caller keeps using as it was
         model.train(was_training).set_autocast(was_autocast)
     ctx.log(f"view cache: {n} images x {v} views made in {t1 - t0:.1f}s, features "
@@ -128,7 +129,7 @@ def pair_views(n_views: int, size: int, gen: torch.Generator) -> tuple[torch.Ten
     return v1, v2
 
 
-def index_batches(n: int, batch_size: int, epoch: int, seed: int, n_views: int,
+def index_batches(n: int, *, batch_size: int, epoch: int, seed: int, n_views: int,
                   steps: int | None) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Per step: image indices and their two view numbers (a function of seed and epoch)."""
     gen = torch.Generator().manual_seed(seed * 7919 + epoch)
@@ -144,7 +145,8 @@ def fresh_batches(base: torch.Tensor, *, batch_size: int, epoch: int, steps: int
                   seed: int, mode: str
                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """On-the-fly two views per image, keyed by (seed, epoch, index, view 0/1)."""
-    for idx, _, _ in index_batches(len(base), batch_size, epoch, seed, 2, steps):
+    for idx, _, _ in index_batches(len(base), batch_size=batch_size, epoch=epoch, seed=seed,
+                                   n_views=2, steps=steps):
         keys = idx.numpy()
         yield (A.augment(base[idx], A.view_keys(seed, epoch, keys, 0), mode),
                A.augment(base[idx], A.view_keys(seed, epoch, keys, 1), mode),
