@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from brcd.retrieval import as_packed, evaluate, evaluate_ashp, evaluate_sshp, isd, nra
+from brcd.retrieval import as_packed, evaluate, isd, nra
 from brcd.retrieval import metrics as M
 from brcd.retrieval.index import topk
 
@@ -178,14 +178,13 @@ def test_streamed_equals_one_shot_and_packed_input():
     assert no_all.map_at_k == one.map_at_k and np.isnan(no_all.map_all)
 
 
-def test_helpers_sshp_ashp():
+def test_torch_inputs_equal_numpy():
     rng = np.random.default_rng(1)
     s = np.where(rng.random((30, 16)) < 0.5, 1.0, -1.0)
     t = np.where(rng.random((60, 16)) < 0.5, 1.0, -1.0)
     lab_q, lab_d = rng.integers(0, 3, 30), rng.integers(0, 3, 60)
-    a = evaluate_ashp(s, t, lab_q, lab_d, topk=10)
-    assert same(a, evaluate(s, t, lab_q, lab_d, topk=10))
-    assert evaluate_sshp(s, s, lab_q, lab_q, topk=5).map_at_k > 0
+    a = evaluate(s, t, lab_q, lab_d, topk=10)
+    assert evaluate(s, s, lab_q, lab_q, topk=5).map_at_k > 0
     as_torch = evaluate(torch.from_numpy(s), torch.from_numpy(t), torch.from_numpy(lab_q),
                         torch.from_numpy(lab_d), topk=10)
     assert same(as_torch, a)

@@ -1,5 +1,6 @@
-"""Retrieval evaluation for binary codes: streaming mAP / precision / PR, SSHP and ASHP helpers,
-and the student-teacher alignment analysis (ISD, NRA@K).
+"""Retrieval evaluation for binary codes: streaming mAP / precision / PR and the student-teacher
+alignment analysis (ISD, NRA@K). SSHP: ``evaluate(student queries,
+student database)``; ASHP: ``evaluate(student queries, teacher database)``.
 
 Example:
     >>> import numpy as np
@@ -9,24 +10,7 @@ Example:
     1.0
 """
 
-from .evaluate import (
-    RetrievalMetrics,
-    evaluate,
-    evaluate_ashp,
-    evaluate_sshp,
-    evaluate_teacher,
-    isd,
-    nra,
-)
+from .evaluate import RetrievalMetrics, evaluate, isd, nra
 from .index import as_packed
 
-__all__ = [
-    "RetrievalMetrics",
-    "evaluate",
-    "evaluate_sshp",
-    "evaluate_ashp",
-    "evaluate_teacher",
-    "isd",
-    "nra",
-    "as_packed",
-]
+__all__ = ["RetrievalMetrics", "evaluate", "isd", "nra", "as_packed"]

@@ -18,9 +18,6 @@ from .index import as_packed, block_distances, iter_query_blocks, stable_order, 
 __all__ = [
     "RetrievalMetrics",
     "evaluate",
-    "evaluate_sshp",
-    "evaluate_ashp",
-    "evaluate_teacher",
     "isd",
     "nra",
 ]
@@ -148,21 +145,6 @@ def evaluate(
         bits=lq,
         ap_at_k=ap_k,
     )
-
-
-def evaluate_sshp(student_query, student_db, query_labels, db_labels, **kwargs):
-    """SSHP: the student encodes both queries and database. Arguments as :func:`evaluate`."""
-    return evaluate(student_query, student_db, query_labels, db_labels, **kwargs)
-
-
-def evaluate_ashp(student_query, teacher_db, query_labels, db_labels, **kwargs):
-    """ASHP: student-encoded queries against a teacher-encoded database (:func:`evaluate`)."""
-    return evaluate(student_query, teacher_db, query_labels, db_labels, **kwargs)
-
-
-def evaluate_teacher(teacher_query, teacher_db, query_labels, db_labels, **kwargs):
-    """Teacher/teacher retrieval, the reference row. Arguments as :func:`evaluate`."""
-    return evaluate(teacher_query, teacher_db, query_labels, db_labels, **kwargs)
 
 
 def isd(student_codes, teacher_codes, bits: int | None = None) -> float:
