@@ -1,132 +1,145 @@
-// pybind11 bindings of fasthash._C: numpy buffers in and out, checks with clear messages,
-// the GIL released while computing.
+// pybind11 bindings of fasthash._C: numpy buffers in and out, the GIL released while computing.
+//
+// fasthash/search.py validates user input first, with the messages users read. The checks here
+// only keep the engine's memory accesses in bounds for any caller, so each is one line through
+// check(): "fasthash._C.<fn>: <arg> must be <what>".
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include <cstdint>
-#include <cstring>
 #include <cstdlib>
-#include <stdexcept>
+#include <cstring>
 #include <string>
 #include <vector>
 
 #include "fasthash/search.h"
+#include "fasthash/simd_table.h"
 
 namespace py = pybind11;
 
 namespace fasthash {
 namespace {
 
+enum class Err { Value, Type };
+
+void check(bool ok, const char* fn, const std::string& what, Err kind = Err::Value) {
+  if (ok) return;
+  const std::string msg = std::string("fasthash._C.") + fn + ": " + what;
+  if (kind == Err::Type) throw py::type_error(msg);
+  throw py::value_error(msg);
+}
+
+std::string supported_names() {
+  std::string out;
+  for (const SimdLevel& row : kSimdLevels) {
+    if (!row.supported()) continue;
+    if (!out.empty()) out += ", ";
+    out += row.name;
+  }
+  return out;
+}
+
 // The level in use: FASTHASH_SIMD if set, else the best the CPU has; set_simd_level() changes it.
+// A bad FASTHASH_SIMD is kept as an error raised by every call that would use it.
 struct SimdState {
-  bool resolved = false;
   Simd level = Simd::Scalar;
   std::string error;
 };
-SimdState& simd_state() {
-  static SimdState st;
-  if (!st.resolved) {
-    st.resolved = true;
-    st.level = best_simd();
-    const char* env = std::getenv("FASTHASH_SIMD");
-    if (env && *env) {
-      Simd s;
-      if (!parse_simd(env, &s)) {
-        st.error = std::string("FASTHASH_SIMD must be one of scalar, avx2, avx512, got '") + env +
-                   "'";
-      } else if (!simd_supported(s)) {
-        st.error = std::string("FASTHASH_SIMD=") + env + " is not supported by this CPU";
-      } else {
-        st.level = s;
-      }
-    }
-  }
+
+SimdState init_simd_state() {
+  SimdState st;
+  st.level = best_simd();
+  const char* env = std::getenv("FASTHASH_SIMD");
+  if (env == nullptr || *env == '\0') return st;
+  Simd s;
+  if (!parse_simd(env, &s))
+    st.error = "FASTHASH_SIMD must be one of " + simd_names() + " (got '" + env + "')";
+  else if (!simd_supported(s))
+    st.error = "FASTHASH_SIMD must be a level this CPU supports: " + supported_names();
+  else
+    st.level = s;
   return st;
 }
 
-Simd resolve_simd(const std::string& name) {
+SimdState& simd_state() {
+  static SimdState st = init_simd_state();
+  return st;
+}
+
+// name "" = the level in use.
+Simd resolve_simd(const char* fn, const char* arg, const std::string& name) {
   if (name.empty()) {
-    SimdState& st = simd_state();
-    if (!st.error.empty()) throw py::value_error(st.error);
+    const SimdState& st = simd_state();
+    check(st.error.empty(), fn, st.error);
     return st.level;
   }
   Simd s;
-  if (!parse_simd(name, &s))
-    throw py::value_error("simd must be one of 'scalar', 'avx2', 'avx512', got '" + name + "'");
-  if (!simd_supported(s)) throw py::value_error("simd='" + name + "' is not supported by this CPU");
+  check(parse_simd(name, &s), fn, std::string(arg) + " must be one of " + simd_names());
+  check(simd_supported(s), fn, std::string(arg) + " must be a level this CPU supports: " +
+                                   supported_names());
   return s;
 }
 
-py::buffer_info check_words(const py::array& a, const char* name) {
-  if (a.dtype().kind() != 'u' || a.itemsize() != 8)
-    throw py::type_error(std::string(name) + " must be a uint64 array of packed words, got dtype " +
-                         std::string(py::str(a.dtype())));
-  if (a.ndim() != 2)
-    throw py::value_error(std::string(name) + " must be 2-D [rows, words], got ndim " +
-                          std::to_string(a.ndim()));
-  if (!(a.flags() & py::array::c_style))
-    throw py::value_error(std::string(name) + " must be C-contiguous (use np.ascontiguousarray)");
-  return a.request();
+struct Words {
+  const uint64_t* ptr;
+  int64_t rows;
+  int64_t words;
+};
+
+// A C-contiguous native uint64 array of ndim 1 or 2 (as [1, W] when 1-D).
+Words words(const py::object& a, const char* fn, const char* arg, bool allow_1d = false) {
+  const std::string name(arg);
+  check(py::isinstance<py::array_t<uint64_t>>(a), fn, name + " must be a uint64 numpy array",
+        Err::Type);
+  const auto arr = py::reinterpret_borrow<py::array>(a);
+  check(arr.ndim() == 2 || (allow_1d && arr.ndim() == 1), fn,
+        name + (allow_1d ? " must be 1-D [W] or 2-D [rows, W]" : " must be 2-D [rows, W]"));
+  check((arr.flags() & py::array::c_style) != 0, fn, name + " must be C-contiguous");
+  if (arr.ndim() == 1) return {static_cast<const uint64_t*>(arr.data()), 1, arr.shape(0)};
+  return {static_cast<const uint64_t*>(arr.data()), arr.shape(0), arr.shape(1)};
 }
 
-SearchInput make_input(const py::array& queries, const py::array& gallery, const py::object& mask,
-                       int num_threads, const std::string& simd) {
-  auto qb = check_words(queries, "queries");
-  auto xb = check_words(gallery, "gallery");
+// The checks every entry point needs; an empty gallery is the caller's to reject or allow.
+SearchInput make_input(const char* fn, const py::object& queries, const py::object& gallery,
+                       const py::object& mask, int num_threads, const std::string& simd) {
+  const Words q = words(queries, fn, "queries");
+  const Words x = words(gallery, fn, "gallery");
+  check(q.words >= 1, fn, "queries must have at least one word per row");
+  check(x.words == q.words, fn, "gallery must have as many words per row as queries");
+  check(q.words <= (int64_t(1) << 20) / 64, fn, "codes must have at most 2^20 bits");
+  check(x.rows <= static_cast<int64_t>(kIndexMask), fn, "gallery must have fewer than 2^40 rows");
   SearchInput in;
-  in.W = qb.shape[1];
-  if (in.W < 1) throw py::value_error("queries must have at least one word per row");
-  if (xb.shape[1] != in.W)
-    throw py::value_error("gallery must have the same number of words per code as queries (" +
-                          std::to_string(in.W) + "), got " + std::to_string(xb.shape[1]));
-  if (in.W > (int64_t(1) << 20) / 64)
-    throw py::value_error("codes must have at most 2^20 bits");
-  in.nq = qb.shape[0];
-  in.nx = xb.shape[0];
-  if (in.nx < 1) throw py::value_error("gallery must contain at least one code");
-  if (in.nx > static_cast<int64_t>(kIndexMask))
-    throw py::value_error("gallery must hold fewer than 2^40 codes");
-  in.q = static_cast<const uint64_t*>(qb.ptr);
-  in.x = static_cast<const uint64_t*>(xb.ptr);
+  in.q = q.ptr;
+  in.nq = q.rows;
+  in.x = x.ptr;
+  in.nx = x.rows;
+  in.W = q.words;
   if (!mask.is_none()) {
-    py::array m = py::reinterpret_borrow<py::array>(mask);
-    if (!py::isinstance<py::array>(mask)) throw py::type_error("mask must be a numpy array or None");
-    if (m.dtype().kind() != 'u' || m.itemsize() != 8)
-      throw py::type_error("mask must be uint64 packed words, got dtype " +
-                           std::string(py::str(m.dtype())));
-    if (!(m.flags() & py::array::c_style)) throw py::value_error("mask must be C-contiguous");
-    if (m.ndim() == 1) {
-      if (m.shape(0) != in.W)
-        throw py::value_error("mask must have " + std::to_string(in.W) + " words, got " +
-                              std::to_string(m.shape(0)));
-      in.mask_rows = 1;
-    } else if (m.ndim() == 2) {
-      if (m.shape(1) != in.W)
-        throw py::value_error("mask must have " + std::to_string(in.W) + " words per row, got " +
-                              std::to_string(m.shape(1)));
-      if (m.shape(0) != 1 && m.shape(0) != in.nq)
-        throw py::value_error("mask must be one mask [W] or one per query [" +
-                              std::to_string(in.nq) + ", W], got " + std::to_string(m.shape(0)) +
-                              " rows");
-      in.mask_rows = m.shape(0) == 1 ? 1 : in.nq;
-    } else {
-      throw py::value_error("mask must be 1-D [W] or 2-D [Q, W]");
-    }
-    in.mask = static_cast<const uint64_t*>(m.data());
+    const Words m = words(mask, fn, "mask", true);
+    check(m.words == in.W && (m.rows == 1 || m.rows == in.nq), fn,
+          "mask must be [W], [1, W] or [Q, W] with the words of queries");
+    in.mask = m.ptr;
+    in.mask_rows = m.rows == 1 ? 1 : in.nq;
   }
-  if (num_threads < 0) throw py::value_error("num_threads must be >= 1 (or 0 for all cores)");
+  check(num_threads >= 0, fn, "num_threads must be >= 0 (0: all cores)");
   in.num_threads = num_threads;
-  in.simd = resolve_simd(simd);
+  in.simd = resolve_simd(fn, "simd", simd);
   return in;
 }
 
-py::tuple topk(const py::array& queries, const py::array& gallery, int64_t k, const py::object& mask,
-               int num_threads, const std::string& simd) {
-  SearchInput in = make_input(queries, gallery, mask, num_threads, simd);
-  if (k < 1 || k > in.nx)
-    throw py::value_error("k must satisfy 1 <= k <= N = " + std::to_string(in.nx) + ", got " +
-                          std::to_string(k));
+// top-k and radius collect (distance, index) candidates: they need at least one gallery code.
+SearchInput search_input(const char* fn, const py::object& queries, const py::object& gallery,
+                         const py::object& mask, int num_threads, const std::string& simd) {
+  SearchInput in = make_input(fn, queries, gallery, mask, num_threads, simd);
+  check(in.nx >= 1, fn, "gallery must have at least one row");
+  return in;
+}
+
+py::tuple topk(const py::object& queries, const py::object& gallery, int64_t k,
+               const py::object& mask, int num_threads, const std::string& simd) {
+  const SearchInput in = search_input("topk", queries, gallery, mask, num_threads, simd);
+  check(k >= 1 && k <= in.nx, "topk", "k must satisfy 1 <= k <= gallery rows");
   py::array_t<int32_t> d({in.nq, k});
   py::array_t<int64_t> i({in.nq, k});
   int32_t* dp = d.mutable_data();
@@ -138,10 +151,10 @@ py::tuple topk(const py::array& queries, const py::array& gallery, int64_t k, co
   return py::make_tuple(d, i);
 }
 
-py::tuple radius(const py::array& queries, const py::array& gallery, int64_t r,
+py::tuple radius(const py::object& queries, const py::object& gallery, int64_t r,
                  const py::object& mask, int num_threads, const std::string& simd) {
-  SearchInput in = make_input(queries, gallery, mask, num_threads, simd);
-  if (r < 0) throw py::value_error("r must be a non-negative integer, got " + std::to_string(r));
+  const SearchInput in = search_input("radius", queries, gallery, mask, num_threads, simd);
+  check(r >= 0, "radius", "r must be >= 0");
   py::array_t<int64_t> lims(in.nq + 1);
   int64_t* lp = lims.mutable_data();
   std::vector<int32_t> dv;
@@ -161,26 +174,31 @@ py::tuple radius(const py::array& queries, const py::array& gallery, int64_t r,
   return py::make_tuple(lims, d, i);
 }
 
-py::array_t<int32_t> hamming_distances(const py::array& queries, const py::array& gallery) {
-  auto qb = check_words(queries, "queries");
-  auto xb = check_words(gallery, "gallery");
-  if (qb.shape[1] != xb.shape[1])
-    throw py::value_error("gallery must have the same number of words as queries (" +
-                          std::to_string(qb.shape[1]) + "), got " + std::to_string(xb.shape[1]));
-  const int64_t nq = qb.shape[0], nx = xb.shape[0], words = qb.shape[1];
-  py::array_t<int32_t> out({nq, nx});
-  int32_t* o = out.mutable_data();
-  const auto* q = static_cast<const uint64_t*>(qb.ptr);
-  const auto* x = static_cast<const uint64_t*>(xb.ptr);
+py::array_t<int32_t> hamming_distances(const py::object& queries, const py::object& gallery,
+                                       const py::object& mask, int num_threads,
+                                       const std::string& simd) {
+  const SearchInput in =
+      make_input("hamming_distances", queries, gallery, mask, num_threads, simd);
+  py::array_t<int32_t> out({in.nq, in.nx});
+  int32_t* op = out.mutable_data();
   {
     py::gil_scoped_release release;
-    for (int64_t a = 0; a < nq; ++a)
-      for (int64_t b = 0; b < nx; ++b) {
-        int d = 0;
-        for (int64_t w = 0; w < words; ++w) d += __builtin_popcountll(q[a * words + w] ^ x[b * words + w]);
-        o[a * nx + b] = d;
-      }
+    distance_matrix(in, op);
   }
+  return out;
+}
+
+void set_simd_level(const std::string& name) {
+  SimdState& st = simd_state();
+  st.level = name.empty() || name == "auto" ? best_simd()
+                                            : resolve_simd("set_simd_level", "name", name);
+  st.error.clear();
+}
+
+std::vector<std::string> available_simd_levels() {
+  std::vector<std::string> out;
+  for (const SimdLevel& row : kSimdLevels)
+    if (row.supported()) out.emplace_back(row.name);
   return out;
 }
 
@@ -191,7 +209,11 @@ PYBIND11_MODULE(_C, m) {
   using namespace fasthash;
   m.doc() = "fasthash compiled core: exact Hamming search over packed uint64 codes";
   m.def("hamming_distances", &hamming_distances, py::arg("queries"), py::arg("gallery"),
-        "All-pairs Hamming distances of packed uint64 codes [Q, W] x [N, W] -> int32 [Q, N].");
+        py::arg("mask") = py::none(), py::arg("num_threads") = 0, py::arg("simd") = "",
+        "All-pairs (masked) Hamming distances of packed uint64 codes [Q, W] x [N, W] -> int32 "
+        "[Q, N]: D[i, j] = popcount((q_i ^ x_j) & m_i). mask: None, [W] or [Q, W] uint64. "
+        "num_threads 0 = all cores. simd '' = the level in use. Q = 0 or N = 0 give an empty "
+        "array.");
   m.def("topk", &topk, py::arg("queries"), py::arg("gallery"), py::arg("k"),
         py::arg("mask") = py::none(), py::arg("num_threads") = 0, py::arg("simd") = "",
         "Exact top-k: (int32 distances [Q, k], int64 indices [Q, k]) ordered by (distance, "
@@ -200,26 +222,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("radius", &radius, py::arg("queries"), py::arg("gallery"), py::arg("r"),
         py::arg("mask") = py::none(), py::arg("num_threads") = 0, py::arg("simd") = "",
         "Radius search: (int64 lims [Q+1], int32 distances, int64 indices), FAISS style.");
-  m.def("simd_level", []() { return std::string(simd_name(resolve_simd(""))); },
+  m.def("simd_level", []() { return std::string(simd_name(resolve_simd("simd_level", "", ""))); },
         "SIMD level in use (FASTHASH_SIMD or set_simd_level override the CPUID choice).");
-  m.def("set_simd_level",
-        [](const std::string& name) {
-          SimdState& st = simd_state();
-          if (name.empty() || name == "auto") {
-            st.level = best_simd();
-          } else {
-            st.level = resolve_simd(name);
-          }
-          st.error.clear();
-        },
-        py::arg("name"), "Force a SIMD level ('scalar', 'avx2', 'avx512', or 'auto').");
-  m.def("available_simd_levels",
-        []() {
-          std::vector<std::string> out;
-          for (Simd s : {Simd::Scalar, Simd::Avx2, Simd::Avx512})
-            if (simd_supported(s)) out.emplace_back(simd_name(s));
-          return out;
-        },
+  m.def("set_simd_level", &set_simd_level, py::arg("name"),
+        "Force a SIMD level (a name from available_simd_levels(), or 'auto').");
+  m.def("available_simd_levels", &available_simd_levels,
         "SIMD levels this CPU supports, slowest first.");
   m.def("hardware_threads", &hardware_threads, "Threads used when num_threads is 0.");
 }

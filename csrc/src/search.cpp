@@ -1,4 +1,5 @@
-// Search driver: task decomposition, persistent thread pool, selection, merge.
+// Search driver: task decomposition, persistent thread pool, selection, merge; the distance
+// matrix runs on the same tasks and chunks.
 //
 // Work is cut into tasks = (query group of up to 64 queries) x (gallery range). With many
 // queries each task covers the whole gallery, so threads never share a query; with few queries
@@ -18,7 +19,10 @@
 #include <mutex>
 #include <stdexcept>
 #include <thread>
+#include <string>
 #include <vector>
+
+#include "fasthash/simd_table.h"
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -79,50 +83,6 @@ int64_t Selector::finish() {
   for (int64_t i = 0; i < n; ++i) out[h[buf[i] >> kIndexBits]++] = buf[i];
   std::copy(out.begin(), out.end(), buf);
   return n;
-}
-
-// ---------------------------------------------------------------- SIMD levels
-
-bool simd_supported(Simd s) {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_cpu_init();
-  switch (s) {
-    case Simd::Scalar:
-      return __builtin_cpu_supports("popcnt");
-    case Simd::Avx2:
-      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt");
-    case Simd::Avx512:
-      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-             __builtin_cpu_supports("avx512vpopcntdq");
-  }
-#endif
-  return false;
-}
-
-Simd best_simd() {
-  if (simd_supported(Simd::Avx512)) return Simd::Avx512;
-  if (simd_supported(Simd::Avx2)) return Simd::Avx2;
-  return Simd::Scalar;
-}
-
-const char* simd_name(Simd s) {
-  switch (s) {
-    case Simd::Avx512:
-      return "avx512";
-    case Simd::Avx2:
-      return "avx2";
-    default:
-      return "scalar";
-  }
-}
-
-bool parse_simd(const std::string& name, Simd* out) {
-  if (name == "scalar") *out = Simd::Scalar;
-  else if (name == "avx2") *out = Simd::Avx2;
-  else if (name == "avx512") *out = Simd::Avx512;
-  else return false;
-  return true;
 }
 
 int hardware_threads() {
@@ -230,16 +190,31 @@ class Pool {
   std::atomic<int> running_{0};
 };
 
-KernelFn pick(Simd s, int64_t W, bool masked, int nq) {
-  switch (s) {
-    case Simd::Avx512:
-      return avx512_kernel(W, masked, nq);
-    case Simd::Avx2:
-      return avx2_kernel(W, masked, nq);
-    default:
-      return scalar_kernel(W, masked, nq);
-  }
+// Calls work(claim) on up to `threads` pool threads; claim() hands out the task ids
+// 0 .. ntasks - 1 once each, then -1. The first exception of any worker stops the hand-out and
+// is rethrown on the caller (worker threads must not let one escape).
+template <class Work>
+void run_parallel(int threads, int64_t ntasks, Work work) {
+  std::atomic<int64_t> next{0};
+  std::mutex err_mu;
+  std::string err;
+  auto claim = [&]() -> int64_t {
+    const int64_t t = next.fetch_add(1, std::memory_order_relaxed);
+    return t < ntasks ? t : -1;
+  };
+  Pool::get().run(threads, [&](int) {
+    try {
+      work(claim);
+    } catch (const std::exception& e) {
+      std::lock_guard<std::mutex> lk(err_mu);
+      if (err.empty()) err = e.what();
+      next.store(ntasks);
+    }
+  });
+  if (!err.empty()) throw std::runtime_error(err);
 }
+
+// ---------------------------------------------------------------- tasks and gallery layout
 
 struct Plan {
   int threads;
@@ -309,148 +284,252 @@ void transpose_blocks(const uint64_t* x, int64_t n, int64_t W, int64_t b0, int64
   }
 }
 
+// The whole gallery in the blocked layout, or empty when the chunks are transposed in L2
+// instead. Worth it for several query groups of >= 4 queries over a multi-word gallery of
+// <= 256 MiB: then every chunk would be transposed once per group. With one or a few groups,
+// writing and re-reading a transposed copy of the whole gallery would cost more than the search
+// (gallery ranges never share a chunk).
+std::vector<uint64_t> transpose_gallery(const SearchInput& in, const Plan& p, bool blocked) {
+  std::vector<uint64_t> whole;
+  if (!blocked || in.W == 1 || p.ngroups < 4 || p.group < 4 ||
+      in.nx * in.W * 8 > (int64_t(256) << 20))
+    return whole;
+  const int64_t nblocks = (in.nx + 7) / 8, step = 2048;
+  whole.resize(static_cast<size_t>(nblocks * 8 * in.W));
+  run_parallel(p.threads, (nblocks + step - 1) / step, [&](const auto& claim) {
+    for (int64_t t; (t = claim()) >= 0;)
+      transpose_blocks(in.x, in.nx, in.W, t * step, std::min(nblocks, (t + 1) * step),
+                       whole.data() + t * step * 8 * in.W);
+  });
+  return whole;
+}
+
+// Gallery codes [c0, c0 + n) as a kernel reads them: row-major in place, or blocked -- from the
+// whole transposed gallery, in place for 64-bit codes in whole blocks (the layouts coincide), or
+// transposed now into buf ((n + 8) * W words).
+const uint64_t* chunk_codes(const SearchInput& in, const std::vector<uint64_t>& whole,
+                            bool blocked, int64_t c0, int64_t n, uint64_t* buf) {
+  const uint64_t* xp = in.x + c0 * in.W;
+  if (!blocked) return xp;
+  if (!whole.empty()) return whole.data() + c0 * in.W;  // c0 is a multiple of 8: block c0 / 8
+  if (in.W == 1 && n % 8 == 0) return xp;
+  transpose_blocks(xp, n, in.W, 0, (n + 7) / 8, buf);
+  return buf;
+}
+
+// Kernels of one call, by [few][log2 of the register block]: few = 0 the level's kernels,
+// few = 1 those of tasks of fewer than 4 queries on multi-word codes (table: few_query_rows).
+template <class Fn>
+struct KernelSet {
+  Fn f[2][4];
+  bool blocked;  // layout of the few = 0 kernels; the few = 1 kernels are row-major
+
+  bool use_blocked(int64_t W, int64_t cnt) const { return blocked && !(W > 1 && cnt < 4); }
+  // Queries of the next register block, given `left` queries remaining.
+  static int block(int64_t left, int max_nb) {
+    return left >= 8 && max_nb == 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
+  }
+  Fn get(bool blocked_kernels, int nb) const {
+    return f[blocked_kernels ? 0 : 1][nb == 8 ? 3 : nb == 4 ? 2 : nb == 2 ? 1 : 0];
+  }
+};
+
+KernelSet<KernelFn> search_kernels(Simd s, int64_t W, bool masked) {
+  const SimdLevel& L = simd_row(s);
+  const SimdLevel& base = kSimdLevels[0];
+  const bool rows = L.few_query_rows != nullptr && L.few_query_rows(W, masked, 1) != nullptr;
+  KernelSet<KernelFn> k;
+  k.blocked = L.blocked;
+  // the row-major kernels (AVX-512: W = 2 or 4) come in register blocks of at most 4 queries;
+  // few-query tasks never use a block of 8
+  for (int j = 0; j < 4; ++j) {
+    k.f[0][j] = L.search(W, masked, 1 << j);
+    k.f[1][j] = rows ? L.few_query_rows(W, masked, std::min(4, 1 << j))
+                     : base.search(W, masked, 1 << j);
+  }
+  return k;
+}
+
+KernelSet<DistFn> distance_kernels(Simd s, int64_t W, bool masked) {
+  const SimdLevel& L = simd_row(s);
+  KernelSet<DistFn> k;
+  k.blocked = L.blocked;
+  for (int j = 0; j < 4; ++j) {
+    k.f[0][j] = L.distances(W, masked, 1 << j);
+    k.f[1][j] = kSimdLevels[0].distances(W, masked, 1 << j);
+  }
+  return k;
+}
+
+// ---------------------------------------------------------------- top-k / radius tasks
+
+// What every task of one top-k or radius call shares.
+struct ScanContext {
+  const SearchInput& in;
+  const Plan& p;
+  KernelSet<KernelFn> kern;
+  std::vector<uint64_t> whole;  // the blocked gallery, or empty (see transpose_gallery)
+  int64_t guess_k;              // > 0: top-k that may start from a sampled limit
+  int max_nb;                   // largest register block of queries
+};
+
+// A worker's buffers, reused by its tasks; entry i of the row vectors is query i of the group.
+struct TaskScratch {
+  std::vector<uint64_t> blocked;  // one chunk transposed
+  std::vector<Selector> sels;
+  std::vector<int64_t> hist;
+  std::vector<const uint64_t*> qrows, mrows;
+  std::vector<Selector*> sp;
+
+  explicit TaskScratch(const ScanContext& c)
+      : blocked(c.kern.blocked ? static_cast<size_t>((c.p.chunk + 8) * c.in.W) : 0),
+        sels(static_cast<size_t>(c.p.group)),
+        hist(static_cast<size_t>(64 * c.in.W + 1)),
+        qrows(static_cast<size_t>(c.p.group)),
+        mrows(static_cast<size_t>(c.p.group)),
+        sp(static_cast<size_t>(c.p.group)) {}
+};
+
+// Passes the queries [i0, i0 + cnt) of the current group over gallery codes [lo, hi), chunk by
+// chunk, each chunk staying in L2 while every register block of queries passes over it.
+void scan(const ScanContext& c, TaskScratch& s, int64_t i0, int64_t cnt, int64_t lo, int64_t hi) {
+  const SearchInput& in = c.in;
+  const bool blocked = c.kern.use_blocked(in.W, cnt);
+  for (int64_t c0 = lo; c0 < hi; c0 += c.p.chunk) {
+    const int64_t n = std::min(c.p.chunk, hi - c0);
+    const uint64_t* xp = chunk_codes(in, c.whole, blocked, c0, n, s.blocked.data());
+    for (int64_t i = i0; i < i0 + cnt;) {
+      const int nb = KernelSet<KernelFn>::block(i0 + cnt - i, c.max_nb);
+      KernelArgs a{nb, in.W, s.qrows.data() + i, in.mask ? s.mrows.data() + i : nullptr,
+                   s.sp.data() + i, xp, n, c0};
+      c.kern.get(blocked, nb)(a);
+      i += nb;
+    }
+  }
+}
+
+// Sampled starting limit: the streaming limit of a top-k scan starts at the maximum and falls
+// slowly (about k ln(N / k) codes pass it), which dominates for large k. So histogram the
+// distances to S codes in 16 contiguous pieces spread evenly over the range (a prefix would
+// mislead on sorted galleries) and start the limit at the sample quantile of rank
+// e + sqrt(e) + 1, e = S k / N the expected rank of the k-th distance. Returns false (selectors
+// untouched) when the range is too small for a useful sample.
+template <class Init>
+bool sampled_limits(const ScanContext& c, TaskScratch& s, int64_t nqg, int64_t lo, int64_t hi,
+                    Init& init) {
+  constexpr int64_t kSample = 8192, kPieces = 16;
+  if (c.guess_k < 256 || hi - lo < 32 * kSample) return false;
+  const double e = static_cast<double>(kSample) * c.guess_k / static_cast<double>(hi - lo);
+  const int64_t rank = static_cast<int64_t>(e + std::sqrt(e) + 1);
+  if (rank >= kSample) return false;
+  const int64_t maxd = 64 * c.in.W;
+  for (int64_t i = 0; i < nqg; ++i) {
+    // a histogram, not a scan: every sampled code would pass a scan's open limit
+    std::fill(s.hist.begin(), s.hist.end(), 0);
+    for (int64_t b = 0; b < kPieces; ++b)
+      distance_histogram(s.qrows[i], c.in.mask ? s.mrows[i] : nullptr,
+                         c.in.x + (lo + b * ((hi - lo) / kPieces)) * c.in.W, kSample / kPieces,
+                         c.in.W, s.hist.data());
+    int64_t t = 0, below = s.hist[0];
+    while (below <= rank && t < maxd) below += s.hist[++t];
+    init(&s.sels[i], &s.hist);
+    s.sels[i].lim = std::min(s.sels[i].lim, t);
+  }
+  return true;
+}
+
+// One task: the queries of group g over gallery range `split`, handed to done() one by one.
+template <class Init, class Done>
+void run_task(const ScanContext& c, TaskScratch& s, int64_t g, int64_t split, Init& init,
+              Done& done) {
+  const SearchInput& in = c.in;
+  const int64_t q0 = g * c.p.group, nqg = std::min(c.p.group, in.nq - q0);
+  int64_t lo, hi;
+  split_range(in, c.p, split, &lo, &hi);
+  for (int64_t i = 0; i < nqg; ++i) {
+    s.sp[i] = &s.sels[i];
+    s.qrows[i] = in.q + (q0 + i) * in.W;
+    if (in.mask) s.mrows[i] = in.mask + (in.mask_rows == 1 ? 0 : (q0 + i) * in.W);
+  }
+  const bool guessed = sampled_limits(c, s, nqg, lo, hi, init);
+  if (!guessed)
+    for (int64_t i = 0; i < nqg; ++i) init(&s.sels[i], &s.hist);
+  scan(c, s, 0, nqg, lo, hi);
+  // Fewer than k codes of the range passed the sampled limit (about 1 % of random queries): scan
+  // the query again from the maximum, so the range's top-k (merged across ranges later) is exact.
+  if (guessed) {
+    for (int64_t i = 0; i < nqg; ++i) {
+      if (s.sels[i].n >= c.guess_k) continue;
+      init(&s.sels[i], &s.hist);
+      scan(c, s, i, 1, lo, hi);
+    }
+  }
+  for (int64_t i = 0; i < nqg; ++i) done(q0 + i, split, &s.sels[i]);
+}
+
 // Runs every task. init(sel, hist) prepares a selector; done(q, split, sel) consumes it.
-// guess_k > 0 (top-k with whole-gallery tasks) enables the sampled starting limit below.
+// guess_k > 0 (top-k) enables the sampled starting limit.
 template <class Init, class Done>
 void run_tasks(const SearchInput& in, const Plan& p, int64_t guess_k, Init init, Done done) {
-  const bool simd_layout = in.simd != Simd::Scalar;
-  const bool masked = in.mask != nullptr;
-  // [0]: the level's kernels; [1]: scalar kernels on the row-major gallery, used by tasks of
-  // fewer than 4 queries on multi-word codes, where transposing each chunk into the blocked
-  // layout would cost more than the SIMD kernel saves (the copy is shared by a task's queries).
-  // With AVX-512 and W = 2 or 4 those few-query tasks use row-major kernels instead.
-  KernelFn kern[2][4];
-  const bool rows = in.simd == Simd::Avx512 && avx512_rows_kernel(in.W, masked, 1) != nullptr;
-  for (int f = 0; f < 2; ++f)
-    for (int j = 0; j < 4; ++j)
-      kern[f][j] = f == 0   ? pick(in.simd, in.W, masked, 1 << j)
-                   : rows ? avx512_rows_kernel(in.W, masked, std::min(4, 1 << j))
-                          : pick(Simd::Scalar, in.W, masked, 1 << j);
-  const int64_t ntasks = p.ngroups * p.splits;
-  const int64_t maxd = 64 * in.W;
   // Large k: register blocks of 4 queries. Candidates pass often (about k ln(N / k) per query)
   // and every passing block pushes for all queries of its register block, so smaller blocks
   // waste less there; the scan itself costs about the same per pair.
-  const int max_nb = guess_k >= 256 ? 4 : 8;
-  // Several query groups of >= 4 queries over a multi-word gallery of <= 256 MiB: transpose the
-  // gallery once (in parallel) rather than every chunk once per group. With one or a few groups
-  // the chunks are transposed in L2 instead: writing and re-reading a transposed copy of the
-  // whole gallery would cost more than the search (gallery ranges never share a chunk).
-  std::vector<uint64_t> whole;
-  if (simd_layout && in.W > 1 && p.ngroups >= 4 && p.group >= 4 &&
-      in.nx * in.W * 8 <= (int64_t(256) << 20)) {
-    const int64_t nblocks = (in.nx + 7) / 8, step = 2048;
-    whole.resize(static_cast<size_t>(nblocks * 8 * in.W));
-    std::atomic<int64_t> nb{0};
-    Pool::get().run(p.threads, [&](int) {
-      for (int64_t b; (b = nb.fetch_add(step)) < nblocks;)
-        transpose_blocks(in.x, in.nx, in.W, b, std::min(nblocks, b + step),
-                         whole.data() + b * 8 * in.W);
-    });
-  }
-  std::atomic<int64_t> next{0};
-  std::mutex err_mu;
-  std::string err;
-  auto worker = [&](int) {
-    try {
-      std::vector<uint64_t> blocked;
-      if (simd_layout) blocked.resize(static_cast<size_t>((p.chunk + 8) * in.W));
-      std::vector<Selector> sels(static_cast<size_t>(p.group));
-      std::vector<int64_t> hist(static_cast<size_t>(maxd + 1));
-      std::vector<const uint64_t*> qrows(static_cast<size_t>(p.group));
-      std::vector<const uint64_t*> mrows(static_cast<size_t>(p.group));
-      std::vector<Selector*> sp(static_cast<size_t>(p.group));
-      std::vector<int64_t> sample_d;
-      // Passes the queries [i0, i0 + cnt) of the current group over gallery codes [lo, hi).
-      auto scan = [&](int64_t i0, int64_t cnt, int64_t lo, int64_t hi) {
-        const bool blocked_kernels = simd_layout && !(in.W > 1 && cnt < 4);
-        KernelFn* kf = kern[blocked_kernels ? 0 : 1];
-        for (int64_t c0 = lo; c0 < hi; c0 += p.chunk) {
-          const int64_t n = std::min(p.chunk, hi - c0);
-          const uint64_t* xp = in.x + c0 * in.W;
-          if (blocked_kernels && !whole.empty()) {
-            xp = whole.data() + c0 * in.W;  // c0 is a multiple of 8: block c0 / 8
-          } else if (blocked_kernels && (in.W > 1 || n % 8 != 0)) {
-            transpose_blocks(xp, n, in.W, 0, (n + 7) / 8, blocked.data());
-            xp = blocked.data();
-          }
-          int64_t i = i0;
-          while (i < i0 + cnt) {
-            const int64_t left = i0 + cnt - i;
-            const int nb = left >= 8 && max_nb == 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
-            KernelFn f = kf[nb == 8 ? 3 : nb == 4 ? 2 : nb == 2 ? 1 : 0];
-            KernelArgs a{nb, in.W, qrows.data() + i, masked ? mrows.data() + i : nullptr,
-                         sp.data() + i, xp, n, c0};
-            f(a);
-            i += nb;
-          }
-        }
-      };
-      for (;;) {
-        const int64_t t = next.fetch_add(1, std::memory_order_relaxed);
-        if (t >= ntasks) break;
-        // splits vary fastest so that concurrent tasks of one query group share its rows
-        const int64_t g = t / p.splits, s = t % p.splits;
-        const int64_t q0 = g * p.group, nqg = std::min(p.group, in.nq - q0);
-        int64_t lo, hi;
-        split_range(in, p, s, &lo, &hi);
-        for (int64_t i = 0; i < nqg; ++i) {
-          sp[i] = &sels[i];
-          qrows[i] = in.q + (q0 + i) * in.W;
-          if (masked) mrows[i] = in.mask + (in.mask_rows == 1 ? 0 : (q0 + i) * in.W);
-        }
-        // Sampled starting limit: the streaming limit of a top-k scan starts at the maximum and
-        // falls slowly (about k ln(N / k) codes pass it), which dominates for large k. So first
-        // histogram the distances to S codes in 16 contiguous pieces spread evenly over the range
-        // (a prefix would mislead on sorted galleries) and start the limit at the sample
-        // quantile of rank e + sqrt(e) + 1, e = S k / N the expected rank of the k-th distance.
-        // If fewer than k codes of the range pass it (about 1 % of random queries), the query is
-        // scanned again from the maximum: the range's top-k (merged across ranges later) is exact
-        // either way.
-        constexpr int64_t kSample = 8192, kPieces = 16;
-        bool guessed = false;
-        if (guess_k >= 256 && hi - lo >= 32 * kSample) {
-          const double e = static_cast<double>(kSample) * guess_k / static_cast<double>(hi - lo);
-          const int64_t rank = static_cast<int64_t>(e + std::sqrt(e) + 1);
-          if (rank < kSample) {
-            guessed = true;
-            for (int64_t i = 0; i < nqg; ++i) {
-              // a histogram, not a scan: every sampled code would pass a scan's open limit
-              std::fill(hist.begin(), hist.end(), 0);
-              for (int64_t b = 0; b < kPieces; ++b)
-                distance_histogram(qrows[i], masked ? mrows[i] : nullptr,
-                                   in.x + (lo + b * ((hi - lo) / kPieces)) * in.W,
-                                   kSample / kPieces, in.W, hist.data());
-              int64_t t = 0, below = hist[0];
-              while (below <= rank && t < maxd) below += hist[++t];
-              init(&sels[i], &hist);
-              sels[i].lim = std::min(sels[i].lim, t);
-            }
-          }
-        }
-        if (!guessed)
-          for (int64_t i = 0; i < nqg; ++i) init(&sels[i], &hist);
-        scan(0, nqg, lo, hi);
-        if (guessed) {
-          for (int64_t i = 0; i < nqg; ++i) {
-            if (sels[i].n >= guess_k) continue;
-            init(&sels[i], &hist);  // the guess was too tight: rescan this query exactly
-            scan(i, 1, lo, hi);
-          }
-        }
-        for (int64_t i = 0; i < nqg; ++i) done(q0 + i, s, &sels[i]);
+  const ScanContext c{in, p, search_kernels(in.simd, in.W, in.mask != nullptr),
+                      transpose_gallery(in, p, simd_row(in.simd).blocked), guess_k,
+                      guess_k >= 256 ? 4 : 8};
+  run_parallel(p.threads, p.ngroups * p.splits, [&](const auto& claim) {
+    TaskScratch s(c);
+    // splits vary fastest so that concurrent tasks of one query group share its rows
+    for (int64_t t; (t = claim()) >= 0;) run_task(c, s, t / p.splits, t % p.splits, init, done);
+  });
+}
+
+// ---------------------------------------------------------------- distance matrix
+
+// One task of distance_matrix: rows [q0, q0 + nqg) x columns [lo, hi) of out.
+void distance_task(const SearchInput& in, const Plan& p, const KernelSet<DistFn>& kern,
+                   const std::vector<uint64_t>& whole, int64_t q0, int64_t nqg, int64_t lo,
+                   int64_t hi, uint64_t* buf, int32_t* out) {
+  const bool blocked = kern.use_blocked(in.W, nqg);
+  const uint64_t* qrows[8];
+  const uint64_t* mrows[8];
+  int32_t* orows[8];
+  for (int64_t c0 = lo; c0 < hi; c0 += p.chunk) {
+    const int64_t n = std::min(p.chunk, hi - c0);
+    const uint64_t* xp = chunk_codes(in, whole, blocked, c0, n, buf);
+    for (int64_t i = q0; i < q0 + nqg;) {
+      const int nb = KernelSet<DistFn>::block(q0 + nqg - i, 8);
+      for (int r = 0; r < nb; ++r) {
+        qrows[r] = in.q + (i + r) * in.W;
+        mrows[r] = in.mask ? in.mask + (in.mask_rows == 1 ? 0 : (i + r) * in.W) : nullptr;
+        orows[r] = out + (i + r) * in.nx + c0;
       }
-    } catch (const std::exception& e) {
-      std::lock_guard<std::mutex> lk(err_mu);
-      if (err.empty()) err = e.what();
-      next.store(ntasks);
+      DistArgs a{nb, in.W, qrows, in.mask ? mrows : nullptr, xp, n, orows};
+      kern.get(blocked, nb)(a);
+      i += nb;
     }
-  };
-  Pool::get().run(p.threads, worker);
-  if (!err.empty()) throw std::runtime_error(err);
+  }
 }
 
 }  // namespace
+
+void distance_matrix(const SearchInput& in, int32_t* out) {
+  if (in.nq == 0 || in.nx == 0) return;
+  // the tasks of a radius search: no k, so the gallery ranges are sized for threads alone
+  const Plan p = make_plan(in, 0);
+  const KernelSet<DistFn> kern = distance_kernels(in.simd, in.W, in.mask != nullptr);
+  const std::vector<uint64_t> whole = transpose_gallery(in, p, kern.blocked);
+  run_parallel(p.threads, p.ngroups * p.splits, [&](const auto& claim) {
+    std::vector<uint64_t> buf(kern.blocked ? static_cast<size_t>((p.chunk + 8) * in.W) : 0);
+    for (int64_t t; (t = claim()) >= 0;) {
+      const int64_t q0 = t / p.splits * p.group;
+      int64_t lo, hi;
+      split_range(in, p, t % p.splits, &lo, &hi);
+      distance_task(in, p, kern, whole, q0, std::min(p.group, in.nq - q0), lo, hi, buf.data(),
+                    out);
+    }
+  });
+}
 
 void topk_search(const SearchInput& in, int64_t k, int32_t* out_d, int64_t* out_i) {
   Plan p = make_plan(in, k);

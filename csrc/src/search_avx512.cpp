@@ -10,6 +10,17 @@
 
 #include "fasthash/engine.h"
 
+namespace fasthash {
+
+bool avx512_supported() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512vpopcntdq");
+}
+
+}  // namespace fasthash
+
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vpopcntdq,popcnt")
 
@@ -79,7 +90,10 @@ void avx512_block(const KernelArgs& a) {
         const __mmask8 h = _mm512_cmple_epi64_mask(acc[i], lim[i]) & valid;
         Selector* s = a.sel[i];
         const int64_t n = s->n;
-        const __m512i key = _mm512_or_si512(_mm512_slli_epi64(acc[i], kIndexBits), idx);
+        // the zero-masked form with every lane set is the same VPSLLQ; GCC 12's plain form
+        // starts from _mm512_undefined and trips -Wmaybe-uninitialized
+        const __m512i key =
+            _mm512_or_si512(_mm512_maskz_slli_epi64(0xFF, acc[i], kIndexBits), idx);
         _mm512_storeu_si512(s->buf + n, _mm512_maskz_compress_epi64(h, key));
         s->n = n + __builtin_popcount(h);
         full |= s->n >= s->cap;
@@ -161,7 +175,8 @@ void avx512_rows(const KernelArgs& a) {
         const __mmask8 h = _mm512_cmple_epi64_mask(acc[i], lim[i]) & valid;
         Selector* s = a.sel[i];
         const int64_t n = s->n;
-        const __m512i key = _mm512_or_si512(_mm512_slli_epi64(acc[i], kIndexBits), idx);
+        const __m512i key =
+            _mm512_or_si512(_mm512_maskz_slli_epi64(0xFF, acc[i], kIndexBits), idx);
         _mm512_storeu_si512(s->buf + n, _mm512_maskz_compress_epi64(h, key));
         s->n = n + __builtin_popcount(h);
         full |= s->n >= s->cap;
@@ -174,10 +189,46 @@ void avx512_rows(const KernelArgs& a) {
   }
 }
 
+// Distance matrix over the blocked layout: the search kernel's arithmetic, and per query one
+// VPMOVQD narrowing store of the 8 distances (masked for the last, partial block).
+template <int QB, int WT, bool MASK>
+void avx512_dist(const DistArgs& a) {
+  const int64_t W = WT > 0 ? WT : a.W;
+  const int64_t nblk = (a.n + 7) / 8;
+  const uint64_t* xb = a.x;
+  for (int64_t b = 0; b < nblk; ++b, xb += W * 8) {
+    __m512i acc[QB];
+    for (int i = 0; i < QB; ++i) acc[i] = _mm512_setzero_si512();
+    for (int64_t w = 0; w < W; ++w) {
+      const __m512i g = _mm512_loadu_si512(xb + w * 8);
+      for (int i = 0; i < QB; ++i) {
+        const __m512i qq = _mm512_set1_epi64(static_cast<long long>(a.q[i][w]));
+        const __m512i v =
+            MASK ? _mm512_ternarylogic_epi64(
+                       qq, g, _mm512_set1_epi64(static_cast<long long>(a.mask[i][w])), 0x28)
+                 : _mm512_xor_si512(qq, g);
+        acc[i] = _mm512_add_epi64(acc[i], _mm512_popcnt_epi64(v));
+      }
+    }
+    const int64_t left = a.n - b * 8;
+    const __mmask8 valid =
+        left >= 8 ? static_cast<__mmask8>(0xFF) : static_cast<__mmask8>((1u << left) - 1u);
+    for (int i = 0; i < QB; ++i)
+      _mm512_mask_cvtepi64_storeu_epi32(a.out[i] + b * 8, valid, acc[i]);
+  }
+}
+
 }  // namespace
 
 KernelFn avx512_kernel(int64_t W, bool masked, int nq) {
 #define KERNEL avx512_block
+#include "fasthash/kernel_dispatch.h"
+  FASTHASH_PICK_KERNEL()
+#undef KERNEL
+}
+
+DistFn avx512_distances(int64_t W, bool masked, int nq) {
+#define KERNEL avx512_dist
 #include "fasthash/kernel_dispatch.h"
   FASTHASH_PICK_KERNEL()
 #undef KERNEL

@@ -6,6 +6,19 @@
 
 #include "fasthash/engine.h"
 
+namespace fasthash {
+
+bool scalar_supported() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("popcnt");
+#else
+  return false;
+#endif
+}
+
+}  // namespace fasthash
+
 #if defined(__x86_64__) || defined(__i386__)
 #pragma GCC push_options
 #pragma GCC target("popcnt")
@@ -49,6 +62,23 @@ void scalar_block(const KernelArgs& a) {
   }
 }
 
+template <int QB, int WT, bool MASK>
+void scalar_dist(const DistArgs& a) {
+  const int64_t W = WT > 0 ? WT : a.W;
+  for (int64_t j = 0; j < a.n; ++j) {
+    const uint64_t* xj = a.x + j * W;
+    for (int i = 0; i < QB; ++i) {
+      int64_t d = 0;
+      for (int64_t w = 0; w < W; ++w) {
+        uint64_t v = a.q[i][w] ^ xj[w];
+        if (MASK) v &= a.mask[i][w];
+        d += __builtin_popcountll(v);
+      }
+      a.out[i][j] = static_cast<int32_t>(d);
+    }
+  }
+}
+
 }  // namespace
 
 void distance_histogram(const uint64_t* q, const uint64_t* m, const uint64_t* x, int64_t n,
@@ -64,6 +94,13 @@ void distance_histogram(const uint64_t* q, const uint64_t* m, const uint64_t* x,
 
 KernelFn scalar_kernel(int64_t W, bool masked, int nq) {
 #define KERNEL scalar_block
+#include "fasthash/kernel_dispatch.h"
+  FASTHASH_PICK_KERNEL()
+#undef KERNEL
+}
+
+DistFn scalar_distances(int64_t W, bool masked, int nq) {
+#define KERNEL scalar_dist
 #include "fasthash/kernel_dispatch.h"
   FASTHASH_PICK_KERNEL()
 #undef KERNEL

@@ -4,7 +4,8 @@
 // range) tasks on a persistent thread pool; a kernel (one per ISA, in search_<isa>.cpp, each
 // compiled with its own target pragma) computes distances for up to 8 queries against a block of
 // gallery codes and pushes the codes that pass each query's threshold into that query's
-// candidate buffer (a Selector). Selection is threshold + counting: no heap.
+// candidate buffer (a Selector). Selection is threshold + counting: no heap. The distance-matrix
+// kernels share the layouts and the driver's tasks, and write every distance instead.
 #pragma once
 
 #include <cstddef>
@@ -84,10 +85,31 @@ struct KernelArgs {
 
 using KernelFn = void (*)(const KernelArgs&);
 
-// Each ISA file exports one factory; it returns nullptr when asked for an ISA the build lacks.
+// One call of a distance-matrix kernel: `nq` (1..8) queries against `n` gallery codes in the
+// layout of the level's search kernels (above); writes out[i][j] for j < n and nothing past it.
+struct DistArgs {
+  int nq;
+  int64_t W;
+  const uint64_t* const* q;
+  const uint64_t* const* mask;  // nq mask rows, or nullptr for no mask
+  const uint64_t* x;
+  int64_t n;
+  int32_t* const* out;  // nq output rows, each at the column of the first code
+};
+
+using DistFn = void (*)(const DistArgs&);
+
+// What each ISA file exports; the level table (simd_table.h) lists them. supported() reads
+// CPUID and is compiled for the baseline, so it is safe to call on any x86-64 CPU.
+bool scalar_supported();
+bool avx2_supported();
+bool avx512_supported();
 KernelFn scalar_kernel(int64_t W, bool masked, int nq);
 KernelFn avx2_kernel(int64_t W, bool masked, int nq);
 KernelFn avx512_kernel(int64_t W, bool masked, int nq);
+DistFn scalar_distances(int64_t W, bool masked, int nq);
+DistFn avx2_distances(int64_t W, bool masked, int nq);
+DistFn avx512_distances(int64_t W, bool masked, int nq);
 // hist[d] += 1 for the distance d of each of the n row-major codes x to query q (mask m or null).
 // Used on small samples only, so one scalar POPCNT version serves every level.
 void distance_histogram(const uint64_t* q, const uint64_t* m, const uint64_t* x, int64_t n,

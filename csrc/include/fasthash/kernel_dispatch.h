@@ -1,9 +1,12 @@
 // Instantiates a kernel template for every (query block, width, mask) combination and picks one
-// at run time. Included by each per-ISA file after its target pragma, inside an anonymous
-// namespace, so every instantiation is private to its ISA's translation unit.
+// at run time. Included by each per-ISA file after its target pragma, inside a factory function
+// whose kernels live in an anonymous namespace, so every instantiation is private to its ISA's
+// translation unit.
 #pragma once
 
-// KERNEL must name a template <int QB, int W, bool MASK> void f(const KernelArgs&).
+// KERNEL must name a template <int QB, int W, bool MASK> void f(const KernelArgs&) (or
+// f(const DistArgs&)); the macros stay defined, so a second factory in the same file just
+// redefines KERNEL and expands FASTHASH_PICK_KERNEL() again.
 #define FASTHASH_PICK_W(QB, MASK)                       \
   switch (W) {                                          \
     case 1: return &KERNEL<QB, 1, MASK>;                \

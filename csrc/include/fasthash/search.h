@@ -28,7 +28,12 @@ void topk_search(const SearchInput& in, int64_t k, int32_t* out_d, int64_t* out_
 void radius_search(const SearchInput& in, int64_t r, int64_t* lims, std::vector<int32_t>* out_d,
                    std::vector<int64_t>* out_i);
 
-// SIMD levels: what the CPU supports, and the level in use (FASTHASH_SIMD or set_simd_level).
+// All-pairs distances: out [nq, nx] int32, out[i * nx + j] = popcount((q_i ^ x_j) & m_i) summed
+// over the W words (m_i all ones without a mask). nq = 0 or nx = 0 writes nothing.
+void distance_matrix(const SearchInput& in, int32_t* out);
+
+// SIMD levels (the rows of simd_table.h): what the CPU supports, the best of them, and the
+// names that FASTHASH_SIMD and set_simd_level accept.
 bool simd_supported(Simd s);
 Simd best_simd();
 const char* simd_name(Simd s);
