@@ -201,9 +201,8 @@ def _jobs(args, base, teachers, ev_path: Path, work: Path, bf16: bool) -> list[S
                     "distill.method": meth, "distill.seed": seed,
                     "distill.symmetric": not args.paper_brcd,
                     "student.train.autocast": "bf16" if bf16 else "none"})
-                jobs.append(S.StudentJob(bits=b, method=meth, seed=seed,
-                                         config=config_to_dict(cfg), teacher=str(teachers[b]),
-                                         eval_views=str(ev_path)))
+                jobs.append(S.StudentJob(bits=b, method=meth, seed=seed, config=config_to_dict(
+                    cfg), teacher=str(teachers[b]), eval_views=str(ev_path)))
     return jobs
 
 

@@ -8,7 +8,6 @@ compiled core ``fasthash._C`` is optional (a one-time warning names the slower p
 from __future__ import annotations
 
 import importlib
-import warnings
 
 __version__ = "0.1.0"
 
@@ -26,9 +25,9 @@ _EXPORTS = {
     "hamming_distance": "fasthash.functional",
     "hamming_topk": "fasthash.search",
     "hamming_radius": "fasthash.search",
-    "HammingIndex": "fasthash.search",
+    "HammingIndex": "fasthash.index",
 }
-_SUBMODULES = {"codes", "reference", "functional", "nn", "search", "env", "ops"}
+_SUBMODULES = {"codes", "reference", "functional", "nn", "search", "index", "env", "ops"}
 
 __all__ = sorted(_EXPORTS) + sorted(_SUBMODULES)
 
@@ -37,14 +36,15 @@ try:
 
     HAS_C = True
 except ImportError:  # pragma: no cover - exercised by a subprocess test
+    from .env import warn_once as _warn_once
+
     _C = None
     HAS_C = False
-    warnings.warn(
+    _warn_once(
+        "import:no-_C",
         "fasthash._C is not built: Hamming search falls back to the pure-torch reference "
         "(fasthash.reference.topk_ref), which is 10-100x slower. Build it with "
         "'pip install -e .' or 'python setup.py build_ext --inplace'.",
-        RuntimeWarning,
-        stacklevel=2,
     )
 
 

@@ -1,4 +1,5 @@
-"""Binary codes: the sign straight-through estimator and packing to uint64 words.
+"""Binary codes: the sign straight-through estimator, packing to uint64 words and THE
+packed-input validator.
 
 Layout (used everywhere in fasthash, on CPU and GPU): bit ``j`` of an L-bit code is bit
 ``j % 64`` (least significant first) of word ``j // 64``; a code occupies ``ceil(L / 64)`` words
@@ -7,6 +8,9 @@ False) clears it, so the Hamming distance of two ±1 codes equals ``popcount(a X
 
 NumPy inputs give ``np.uint64`` words. Torch inputs give ``torch.int64`` words on the same device
 (the same 64 bits; torch's uint64 supports too few ops), which every fasthash op accepts.
+Every op that takes packed words checks them with :func:`as_words` (one array) or
+:func:`as_search_words` (queries, gallery and mask together), so the messages are the same
+everywhere.
 
 The FAISS binary layout is one uint8 per 8 bits, least significant bit first, i.e. exactly the
 little-endian bytes of our words: :func:`to_faiss_bytes` / :func:`from_faiss_bytes` convert.
@@ -28,12 +32,18 @@ __all__ = [
     "to_faiss_bytes",
     "from_faiss_bytes",
     "num_words",
-    "as_words_numpy",
+    "as_words",
+    "as_search_words",
 ]
 
 
 def num_words(bits: int) -> int:
-    """Number of uint64 words that hold an L-bit code: ``ceil(bits / 64)``."""
+    """Number of uint64 words that hold an L-bit code: ``ceil(bits / 64)``.
+
+    Example:
+        >>> num_words(64), num_words(65)
+        (1, 2)
+    """
     return (int(bits) + 63) // 64
 
 
@@ -148,18 +158,6 @@ def pack_codes(codes: ArrayLike, bits: int | None = None) -> ArrayLike:
     return (bb.reshape(n, w, 64) * weights).sum(dim=-1).contiguous()
 
 
-def _check_words(words: ArrayLike, bits: int, name: str = "words") -> None:
-    if int(bits) < 1:
-        raise ValueError(f"bits must be >= 1, got {bits}")
-    if words.ndim != 2:
-        raise ValueError(f"{name} must be 2-D [N, W], got shape {tuple(words.shape)}")
-    if words.shape[1] != num_words(bits):
-        raise ValueError(
-            f"{name} must have ceil(bits / 64) = {num_words(bits)} words per row for bits={bits}, "
-            f"got {words.shape[1]}"
-        )
-
-
 def unpack_codes(words: ArrayLike, bits: int) -> ArrayLike:
     """Unpack uint64 words into ±1 float32 codes (inverse of :func:`pack_codes`).
 
@@ -177,71 +175,191 @@ def unpack_codes(words: ArrayLike, bits: int) -> ArrayLike:
         >>> unpack_codes(np.array([[5]], dtype=np.uint64), 3)
         array([[ 1., -1.,  1.]], dtype=float32)
     """
-    if isinstance(words, np.ndarray):
-        if words.dtype not in (np.uint64, np.int64):
-            raise TypeError(f"words must be uint64, got {words.dtype}")
-        _check_words(words, bits)
-        n = words.shape[0]
-        u8 = np.ascontiguousarray(words).view(np.uint8).reshape(n, -1)
+    # padding bits are ignored here (as always), so no tail check
+    to = "torch" if isinstance(words, torch.Tensor) else "numpy"
+    w = as_words(words, "words", bits=bits, to=to, check_tail=False)
+    if isinstance(w, np.ndarray):
+        u8 = np.ascontiguousarray(w).view(np.uint8).reshape(w.shape[0], -1)
         b = np.unpackbits(u8, axis=1, bitorder="little")[:, :bits]
         return np.where(b.astype(bool), np.float32(1), np.float32(-1))
-    if isinstance(words, torch.Tensor):
-        if words.dtype not in (torch.int64, torch.uint64):
-            raise TypeError(f"words must be torch.int64 (or uint64), got {words.dtype}")
-        _check_words(words, bits)
-        w = words.view(torch.int64) if words.dtype == torch.uint64 else words
-        shifts = torch.arange(64, device=w.device, dtype=torch.int64)
-        b = torch.bitwise_and(torch.bitwise_right_shift(w.unsqueeze(-1), shifts), 1)
-        b = b.reshape(w.shape[0], -1)[:, :bits]
-        return b.to(torch.float32) * 2 - 1
-    raise TypeError(f"words must be a numpy array or torch tensor, got {type(words).__name__}")
+    shifts = torch.arange(64, device=w.device, dtype=torch.int64)
+    b = torch.bitwise_and(torch.bitwise_right_shift(w.unsqueeze(-1), shifts), 1)
+    b = b.reshape(w.shape[0], -1)[:, :bits]
+    return b.to(torch.float32) * 2 - 1
 
 
-def as_words_numpy(
+def as_words(
     words: ArrayLike,
     name: str = "words",
+    *,
+    bits: int | None = None,
     ndim: tuple[int, ...] = (2,),
     contiguous: bool = False,
-) -> np.ndarray:
-    """View packed words as an ``np.uint64`` array without copying.
+    to: str = "numpy",
+    check_tail: bool = True,
+) -> ArrayLike:
+    """THE packed-input validator: check packed words and view them without copying.
+
+    Every fasthash entry point that takes packed codes (search, the index, distances, the Triton
+    launchers, the references, FAISS conversion) goes through this function, so a bad argument
+    gets the same message everywhere.
 
     Args:
-        words: ``np.uint64`` / ``np.int64`` arrays or CPU ``torch.int64`` / ``torch.uint64``
-            tensors (the same 64 bits are reinterpreted, never cast).
+        words: ``np.uint64`` / ``np.int64`` arrays or ``torch.int64`` / ``torch.uint64`` tensors
+            (the same 64 bits are reinterpreted, never cast).
         name: the argument name used in error messages.
+        bits: the code length L: rows must have ``ceil(L / 64)`` words and, with
+            ``check_tail``, no bit may be set beyond L in the last word.
         ndim: the accepted numbers of dimensions (``(2,)`` for ``[N, W]``, ``(1, 2)`` for masks).
         contiguous: require C-contiguous input (the compiled engine reads raw rows).
+        to: ``"numpy"`` (an ``np.uint64`` view; tensors must be on the CPU) or ``"torch"``
+            (a ``torch.int64`` tensor on the input's device; numpy input is shared, and copied
+            only when it is not C-contiguous).
+        check_tail: with ``bits``, reject set bits beyond L (codes of a longer length).
 
     Shape:
         unchanged.
 
     Returns:
-        a ``np.uint64`` view of the same memory.
+        the words as ``np.uint64`` (``to="numpy"``) or ``torch.int64`` (``to="torch"``).
 
     Example:
-        >>> as_words_numpy(torch.tensor([[-1]])).tolist()
+        >>> as_words(torch.tensor([[-1]])).tolist()
         [[18446744073709551615]]
+        >>> as_words(np.array([[5]], np.uint64), to="torch")
+        tensor([[5]])
     """
+    if to not in ("numpy", "torch"):
+        raise ValueError(f"to must be 'numpy' or 'torch', got {to!r}")
     if isinstance(words, torch.Tensor):
-        if words.device.type != "cpu":
-            raise ValueError(f"{name} must be on the CPU like the other inputs, got {words.device}")
         if words.dtype not in (torch.int64, torch.uint64):
-            raise TypeError(f"{name} must be packed words (torch.int64), got dtype {words.dtype}")
+            raise TypeError(
+                f"{name} must be packed words (torch.int64 or np.uint64), got dtype {words.dtype}"
+            )
+        if to == "numpy" and words.device.type != "cpu":
+            raise ValueError(f"{name} must be on the CPU like the other inputs, got {words.device}")
         if contiguous and not words.is_contiguous():
             raise ValueError(f"{name} must be contiguous (call .contiguous())")
-        arr = words.detach().view(torch.int64).numpy()
+        t = words.detach().view(torch.int64)
+        out = t.numpy().view(np.uint64) if to == "numpy" else t
     elif isinstance(words, np.ndarray):
-        arr = words
-        if arr.dtype not in (np.uint64, np.int64):
-            raise TypeError(f"{name} must be packed words (np.uint64), got dtype {arr.dtype}")
-        if contiguous and not arr.flags.c_contiguous:
+        if words.dtype not in (np.uint64, np.int64):
+            raise TypeError(
+                f"{name} must be packed words (np.uint64 or torch.int64), got dtype {words.dtype}"
+            )
+        if contiguous and not words.flags.c_contiguous:
             raise ValueError(f"{name} must be C-contiguous (use np.ascontiguousarray)")
+        if to == "numpy":
+            out = words.view(np.uint64)
+        else:
+            out = torch.from_numpy(np.ascontiguousarray(words).view(np.int64))
     else:
         raise TypeError(f"{name} must be a numpy array or torch tensor, got {type(words).__name__}")
-    if arr.ndim not in ndim:
+    if out.ndim not in ndim:
         want = " or ".join(f"{d}-D" for d in ndim)
-        raise ValueError(f"{name} must be {want} packed words, got shape {arr.shape}")
-    return arr.view(np.uint64)
+        raise ValueError(f"{name} must be {want} packed words, got shape {tuple(out.shape)}")
+    if bits is not None:
+        _check_bits(out, int(bits), name, check_tail)
+    return out
+
+
+def _check_bits(w: ArrayLike, bits: int, name: str, check_tail: bool) -> None:
+    if bits < 1:
+        raise ValueError(f"bits must be >= 1, got {bits}")
+    if w.shape[-1] != num_words(bits):
+        raise ValueError(
+            f"{name} must have ceil(bits / 64) = {num_words(bits)} words per row for bits={bits}, "
+            f"got {w.shape[-1]}"
+        )
+    if check_tail and bits % 64 and w.shape[0]:
+        last = w[..., -1]
+        if isinstance(last, np.ndarray):
+            stray = (last >> np.uint64(bits % 64)).any()
+        else:  # arithmetic shift of int64: any set bit at or above bits % 64 leaves a non-zero
+            stray = bool((last >> (bits % 64)).ne(0).any())
+        if stray:
+            raise ValueError(
+                f"{name} has bits set beyond bits={bits} in the last word "
+                "(codes of a different length?)"
+            )
+
+
+# brcd.retrieval.index imports this name; the one validator is as_words
+as_words_numpy = as_words
+
+
+def as_search_words(
+    queries: ArrayLike,
+    gallery: ArrayLike,
+    mask: ArrayLike | None = None,
+    *,
+    names: tuple[str, str, str] = ("queries", "gallery", "mask"),
+    to: str = "numpy",
+    contiguous: bool = False,
+    device: torch.device | None = None,
+    nonempty: bool = True,
+) -> tuple[ArrayLike, ArrayLike, ArrayLike | None]:
+    """Validate the (queries, gallery, mask) words of a search or distance call together.
+
+    Each argument goes through :func:`as_words`; then the gallery must have the queries' words
+    per code (at least one) and, with ``nonempty``, at least one code; the mask is one mask
+    ``[W]`` or one per query ``[Q, W]``.
+
+    Args:
+        queries, gallery, mask: packed words (mask may be None).
+        names: the three argument names used in error messages.
+        to, contiguous: as in :func:`as_words`.
+        device: ``to="torch"`` only: move every input to this device. Without it, torch inputs
+            must all be on the queries' device.
+        nonempty: require at least one gallery code.
+
+    Shape:
+        queries ``[Q, W]``, gallery ``[N, W]``, mask ``[W]`` or ``[Q, W]`` -> queries, gallery and
+        the mask as ``[1, W]`` or ``[Q, W]`` (None without a mask).
+
+    Returns:
+        ``(queries, gallery, mask)`` words of the requested kind.
+
+    Example:
+        >>> q, x, m = as_search_words(np.zeros((2, 1), np.uint64), np.ones((3, 1), np.uint64),
+        ...                           np.ones(1, np.uint64))
+        >>> q.shape, x.shape, m.shape
+        ((2, 1), (3, 1), (1, 1))
+    """
+    qn, xn, mn = names
+    q = as_words(queries, qn, contiguous=contiguous, to=to)
+    x = as_words(gallery, xn, contiguous=contiguous, to=to)
+    q, x = _same_device(q, x, xn, qn, device)
+    if x.shape[1] != q.shape[1]:
+        raise ValueError(
+            f"{xn} must have the same number of words per code as {qn} ({q.shape[1]}), "
+            f"got {x.shape[1]} (codes of different bit lengths?)"
+        )
+    if q.shape[1] < 1:
+        raise ValueError(f"{qn} must have at least one word per code")
+    if nonempty and x.shape[0] < 1:
+        raise ValueError(f"{xn} must contain at least one code")
+    if mask is None:
+        return q, x, None
+    m = as_words(mask, mn, ndim=(1, 2), contiguous=contiguous, to=to)
+    q, m = _same_device(q, m, mn, qn, device)
+    if m.shape[-1] != q.shape[1]:
+        raise ValueError(f"{mn} must have {q.shape[1]} words per row, got {m.shape[-1]}")
+    if m.ndim == 2 and m.shape[0] not in (1, q.shape[0]):
+        raise ValueError(
+            f"{mn} must be one mask [W] or one per query [{q.shape[0]}, W], got {m.shape[0]} rows"
+        )
+    return q, x, m.reshape(1, -1) if m.ndim == 1 else m
+
+
+def _same_device(q, v, name: str, q_name: str, device):
+    if not isinstance(q, torch.Tensor):
+        return q, v
+    if device is not None:
+        return q.to(device), v.to(device)
+    if v.device != q.device:
+        raise ValueError(f"{name} must be on {q.device} like {q_name}, got {v.device}")
+    return q, v
 
 
 def to_faiss_bytes(words: ArrayLike, bits: int) -> np.ndarray:
@@ -264,8 +382,8 @@ def to_faiss_bytes(words: ArrayLike, bits: int) -> np.ndarray:
         >>> to_faiss_bytes(np.array([[5]], dtype=np.uint64), 3)
         array([[5]], dtype=uint8)
     """
-    arr = as_words_numpy(words)
-    _check_words(arr, bits)
+    # check_tail=False: the historical contract copies whatever the padding holds
+    arr = as_words(words, "words", bits=bits, check_tail=False)
     nbytes = (int(bits) + 7) // 8
     return np.ascontiguousarray(np.ascontiguousarray(arr).view(np.uint8)[:, :nbytes])
 

@@ -1,14 +1,53 @@
-"""Backend report: ``fasthash.backend_info()`` and ``python -m fasthash.env``.
+"""Backend report (``fasthash.backend_info()``, ``python -m fasthash.env``) and the one-time
+warnings of the slower paths (:func:`warn_once`).
 
-Never falls back silently: this says which path each op takes on this machine.
+Never falls back silently: this says which path each op takes on this machine. ``import
+fasthash`` imports this module, so it imports only the standard library at module level.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import platform
+import warnings
+
+__all__ = ["backend_info", "warn_once"]
+
+# keys of the warnings already given in this process
+_WARNED: set[str] = set()
+
+
+def warn_once(
+    key: str, message: str, category: type[Warning] = RuntimeWarning, stacklevel: int = 2
+) -> bool:
+    """Warn the first time ``key`` is seen in this process, stay silent afterwards.
+
+    Every fasthash slower path (no compiled core, an old core, a Triton kernel not used)
+    reports itself through this function, once per key.
+
+    Args:
+        key: identifies the slower path (e.g. ``"search:reference"``).
+        message: the warning text; it should name the path taken and how to avoid it.
+        category: the warning class.
+        stacklevel: as for :func:`warnings.warn`, counted from the caller of ``warn_once``
+            (2 = the caller's caller).
+
+    Returns:
+        True when the warning was issued now, False when ``key`` had already warned.
+
+    Example:
+        >>> import warnings
+        >>> with warnings.catch_warnings(record=True):
+        ...     warnings.simplefilter("always")
+        ...     warn_once("doc-example", "slow path"), warn_once("doc-example", "slow path")
+        (True, False)
+    """
+    if key in _WARNED:
+        return False
+    _WARNED.add(key)
+    warnings.warn(message, category, stacklevel=stacklevel + 1)
+    return True
 
 
 def _cpu_model() -> str:
@@ -33,7 +72,7 @@ def backend_info() -> dict:
 
     Example:
         >>> info = backend_info(); sorted(info)[:3]
-        ['c_extension', 'cpu', 'cuda_device']
+        ['c_extension', 'cpu', 'cpu_count']
     """
     import numpy as np
     import torch
@@ -81,6 +120,8 @@ def backend_info() -> dict:
 
 
 def main() -> None:
+    import json
+
     print(json.dumps(backend_info(), indent=2))
 
 

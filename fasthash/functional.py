@@ -13,12 +13,25 @@ float64. Outputs are float32 (float64 for float64 inputs); input gradients have 
 
 from __future__ import annotations
 
-import warnings
+import functools
 
 import numpy as np
 import torch
 
 from . import reference as ref
+from ._checks import (
+    check_bit_mask,
+    check_brcd_args,
+    check_codes,
+    check_ids,
+    check_like,
+    check_reduction,
+    check_temperature,
+    check_threads,
+    reduce_rows,
+)
+from .codes import as_search_words
+from .env import warn_once
 from .ops import registry as _ops
 from .ops.blocked import compute_dtype, normalize_rows
 
@@ -30,25 +43,6 @@ __all__ = [
 ]
 
 MaskArg = torch.Tensor | tuple | list | None
-_REDUCTIONS = ("mean", "sum", "none")
-
-
-# --------------------------------------------------------------------------- validation helpers
-
-
-def _check_ids(ids, name: str, rows: int, n_table: int, device: torch.device) -> torch.Tensor:
-    if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"{name} must be an int64/int32 torch.Tensor of shape [{rows}]")
-    if ids.shape != (rows,):
-        raise ValueError(f"{name} must have shape [{rows}], got {tuple(ids.shape)}")
-    if ids.device != device:
-        raise ValueError(f"{name} must be on {device} like the codes, got {ids.device}")
-    if rows and (int(ids.min()) < 0 or int(ids.max()) >= n_table):
-        raise ValueError(
-            f"{name} must hold cluster ids in [0, {n_table}), got min {int(ids.min())}, "
-            f"max {int(ids.max())}"
-        )
-    return ids.long()
 
 
 def _canon_mask(
@@ -61,40 +55,11 @@ def _canon_mask(
         if len(mask) != 2:
             raise ValueError(f"{name} as a tuple must be (mask_table [C, {length}], ids [{rows}])")
         table, ids = mask
-        if not isinstance(table, torch.Tensor):
-            raise TypeError(f"{name}[0] (mask_table) must be a torch.Tensor")
-        if table.ndim != 2 or table.shape[0] < 1:
-            raise ValueError(f"{name}[0] (mask_table) must be [C, {length}] with C >= 1, "
-                             f"got {tuple(table.shape)}")
-        ref._check_mask(table, f"{name}[0] (mask_table)", table.shape[0], length)
-        if table.device != device:
-            raise ValueError(f"{name}[0] (mask_table) must be on {device}, got {table.device}")
-        ids = _check_ids(ids, f"{name}[1] (ids)", rows, table.shape[0], device)
+        check_bit_mask(table, f"{name}[0] (mask_table)", length, device=device)
+        ids = check_ids(ids, f"{name}[1] (ids)", rows, table.shape[0], device)
         return table.to(dt).contiguous(), ids
-    ref._check_mask(mask, name, rows, length)
-    if mask.device != device:
-        raise ValueError(f"{name} must be on {device} like the codes, got {mask.device}")
+    check_bit_mask(mask, name, length, rows, device)
     return mask.to(dt), None
-
-
-def _check_temperature(temperature) -> float:
-    if isinstance(temperature, bool):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    ref._check_temperature(temperature)
-    return float(temperature)
-
-
-def _reduce(rows: torch.Tensor, reduction: str) -> torch.Tensor:
-    if reduction == "mean":
-        return rows.mean()
-    if reduction == "sum":
-        return rows.sum()
-    return rows
-
-
-def _check_reduction(reduction) -> None:
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
 
 
 # --------------------------------------------------------------------------- similarity
@@ -139,8 +104,8 @@ def masked_hamming_similarity(
         >>> round(masked_hamming_similarity(x, y, m, m).item(), 6)
         1.0
     """
-    ref.check_codes(x, "x")
-    ref.check_codes(y, "y", x.shape[1])
+    check_codes(x, "x")
+    check_codes(y, "y", x.shape[1])
     if y.device != x.device:
         raise ValueError(f"y must be on {x.device} like x, got {y.device}")
     if not isinstance(normalize, bool):
@@ -204,42 +169,15 @@ def brcd_contrastive_loss(
         >>> s = torch.tensor([[1., -1.], [-1., 1.]]); brcd_contrastive_loss(s, s, s).item() < 0.1
         True
     """
-    ref.check_codes(student, "student")
-    bsz, length = student.shape
+    teachers = {"teacher_same": teacher_same, "teacher_other": teacher_other}
+    c, c_aug, alpha, tau = check_brcd_args(
+        student, teachers, mask_table, cluster_ids, aug_cluster_ids,
+        alpha=alpha, temperature=temperature, reduction=reduction,
+    )
+    bsz = student.shape[0]
     dev = student.device
-    for name, v in (("teacher_same", teacher_same), ("teacher_other", teacher_other)):
-        ref.check_codes(v, name, length)
-        if v.shape[0] != bsz:
-            raise ValueError(f"{name} must have B = {bsz} rows like student, got {v.shape[0]}")
-        if v.device != dev:
-            raise ValueError(f"{name} must be on {dev} like student, got {v.device}")
-    inv_tau = 1.0 / _check_temperature(temperature)
-    if isinstance(alpha, bool) or not (isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0):
-        raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
-    _check_reduction(reduction)
-
+    inv_tau = 1.0 / tau
     dt = compute_dtype(student)
-    if mask_table is not None:
-        if not isinstance(mask_table, torch.Tensor):
-            raise TypeError(f"mask_table must be a torch.Tensor [C, {length}] or None")
-        if mask_table.ndim != 2 or mask_table.shape[0] < 1:
-            raise ValueError(
-                f"mask_table must be [C, {length}] with C >= 1, got {tuple(mask_table.shape)}"
-            )
-        ref._check_mask(mask_table, "mask_table", mask_table.shape[0], length)
-        if mask_table.device != dev:
-            raise ValueError(f"mask_table must be on {dev} like student, got {mask_table.device}")
-    n_table = mask_table.shape[0] if mask_table is not None else 2**62
-    c = c_aug = None
-    if cluster_ids is not None:
-        c = _check_ids(cluster_ids, "cluster_ids", bsz, n_table, dev)
-    if aug_cluster_ids is not None:
-        if c is None:
-            raise ValueError("aug_cluster_ids needs cluster_ids")
-        c_aug = _check_ids(aug_cluster_ids, "aug_cluster_ids", bsz, n_table, dev)
-    elif c is not None:
-        c_aug = c
-
     s = student.to(dt)
     t = teacher_same.to(dt)
     t2 = teacher_other.to(dt)
@@ -247,9 +185,7 @@ def brcd_contrastive_loss(
         t, t2 = t.detach(), t2.detach()
     if mask_table is None:
         m = None
-    elif c is None:
-        if mask_table.shape[0] != 1:
-            raise ValueError("cluster_ids is required when mask_table has more than one row")
+    elif c is None:  # a one-row table (checked)
         m = mask_table[0].to(dt)
     else:
         m = mask_table.to(dt)[c]
@@ -267,7 +203,7 @@ def brcd_contrastive_loss(
         row_cl = torch.cat([c, c])
         col_cl = torch.cat([c, c_aug])
     lse = _ops.contrastive_lse(zs, zt, pos, row_cl, col_cl, inv_tau)
-    return _reduce(lse - torch.cat([pos, pos]), reduction)
+    return reduce_rows(lse - torch.cat([pos, pos]), reduction)
 
 
 def nt_xent_loss(
@@ -293,41 +229,40 @@ def nt_xent_loss(
         >>> z = torch.eye(4); bool(nt_xent_loss(z[:2], z[:2]) < nt_xent_loss(z[:2], z[2:]))
         True
     """
-    ref.check_codes(z1, "z1")
-    ref.check_codes(z2, "z2", z1.shape[1])
-    if z2.shape[0] != z1.shape[0]:
-        raise ValueError(f"z2 must have B = {z1.shape[0]} rows like z1, got {z2.shape[0]}")
-    if z2.device != z1.device:
-        raise ValueError(f"z2 must be on {z1.device} like z1, got {z2.device}")
-    inv_tau = 1.0 / _check_temperature(temperature)
-    _check_reduction(reduction)
+    check_codes(z1, "z1")
+    check_codes(z2, "z2", z1.shape[1])
+    check_like(z2, "z2", z1, "z1")
+    inv_tau = 1.0 / check_temperature(temperature)
+    check_reduction(reduction)
     dt = compute_dtype(z1, z2)
     za = normalize_rows(z1.to(dt))
     zb = normalize_rows(z2.to(dt))
     pos = (za * zb).sum(dim=1) * inv_tau
     lse = _ops.contrastive_lse(za, zb, pos, None, None, inv_tau)
-    return _reduce(lse - torch.cat([pos, pos]), reduction)
+    return reduce_rows(lse - torch.cat([pos, pos]), reduction)
 
 
 # --------------------------------------------------------------------------- packed distances
-
-_WARNED_NO_C = False
 
 
 def hamming_distance(
     x_words: np.ndarray | torch.Tensor,
     y_words: np.ndarray | torch.Tensor,
     mask: np.ndarray | torch.Tensor | None = None,
+    *,
+    num_threads: int | None = None,
 ) -> torch.Tensor:
     """Exact all-pairs (masked) Hamming distances of packed codes.
 
     ``D[i, j] = popcount((x_i XOR y_j) AND m_i)``, ``m_i`` a global mask ``[W]``, the i-th row of
-    a per-query mask ``[Q, W]``, or all ones. CPU: the compiled core ``fasthash._C`` (no mask) or
-    the reference; CUDA: a Triton kernel (hardware popcount).
+    a per-query mask ``[Q, W]``, or all ones. CPU: the compiled core ``fasthash._C`` (threaded,
+    SIMD), or the pure-torch reference after a one-time warning when ``_C`` is missing or too old
+    for masks; CUDA: a Triton kernel (hardware popcount).
 
     Args:
         x_words: packed query words (numpy uint64 or torch int64, layout of
             :mod:`fasthash.codes`). y_words: packed gallery words. mask: packed mask words.
+        num_threads: CPU worker threads (default: every core). Results do not depend on it.
 
     Shape:
         ``[Q, W]`` x ``[N, W]`` -> ``[Q, N]``.
@@ -339,39 +274,48 @@ def hamming_distance(
         >>> hamming_distance(np.array([[5]], np.uint64), np.array([[6], [5]], np.uint64))
         tensor([[2, 0]], dtype=torch.int32)
     """
-    q = ref.words_to_torch(x_words, "x_words")
-    x = ref.words_to_torch(y_words, "y_words")
-    if q.device != x.device:
-        raise ValueError(f"y_words must be on {q.device} like x_words, got {x.device}")
-    if q.shape[1] != x.shape[1]:
-        raise ValueError(
-            f"y_words must have {q.shape[1]} words per code like x_words, got {x.shape[1]}"
-        )
-    m = None
-    if mask is not None:
-        m = ref.words_to_torch(mask.reshape(1, -1) if mask.ndim == 1 else mask, "mask")
-        if m.shape[1] != q.shape[1] or m.shape[0] not in (1, q.shape[0]):
-            raise ValueError(
-                f"mask must be [{q.shape[1]}] or [{q.shape[0]}, {q.shape[1]}] words, "
-                f"got {tuple(mask.shape)}"
-            )
-        if m.device != q.device:
-            raise ValueError(f"mask must be on {q.device} like x_words, got {m.device}")
+    q, x, m = as_search_words(
+        x_words, y_words, mask, names=("x_words", "y_words", "mask"), to="torch", nonempty=False
+    )
+    threads = check_threads(num_threads)
+    if x.shape[0] == 0:  # every path agrees on an empty gallery: no distances
+        return torch.zeros(q.shape[0], 0, dtype=torch.int32, device=q.device)
     if q.is_cuda:
         from .ops.hamming_topk_triton import hamming_distance_forward
 
         return hamming_distance_forward(q, x, m)
     from . import _C, HAS_C
 
-    if m is None and HAS_C:
-        qn = np.ascontiguousarray(q.numpy()).view(np.uint64)
-        xn = np.ascontiguousarray(x.numpy()).view(np.uint64)
-        return torch.from_numpy(_C.hamming_distances(qn, xn))
-    if m is None:
-        global _WARNED_NO_C
-        if not _WARNED_NO_C:
-            _WARNED_NO_C = True
-            warnings.warn("fasthash._C missing: hamming_distance uses the pure-torch reference",
-                          RuntimeWarning, stacklevel=2)
+    fn = _C.hamming_distances if HAS_C else None
+    if fn is not None and (m is None or _takes_mask(fn)):
+        return torch.from_numpy(_c_distances(fn, q, x, m, threads))
+    why = "is not built" if fn is None else "is too old for masked distances (rebuild it)"
+    warn_once(
+        "hamming_distance:reference",
+        f"fasthash._C {why}: fasthash.hamming_distance runs the pure-torch reference "
+        "(fasthash.reference.hamming_distance_ref), 10-100x slower. Build it with "
+        "'python setup.py build_ext --inplace'.",
+    )
     return ref.hamming_distance_ref(q, x, m).to(torch.int32)
 
+
+def _c_distances(fn, q: torch.Tensor, x: torch.Tensor, m: torch.Tensor | None, threads: int):
+    """``fn`` (``_C.hamming_distances``) on numpy views of CPU words."""
+    qn = np.ascontiguousarray(q.numpy()).view(np.uint64)
+    xn = np.ascontiguousarray(x.numpy()).view(np.uint64)
+    if not _takes_mask(fn):
+        return fn(qn, xn)  # an older build: (queries, gallery) only, no mask (checked)
+    mn = None if m is None else np.ascontiguousarray(m.numpy()).view(np.uint64)
+    return fn(qn, xn, mask=mn, num_threads=threads)
+
+
+@functools.lru_cache(maxsize=4)
+def _takes_mask(fn) -> bool:
+    """Whether a build's ``_C.hamming_distances`` has the ``mask`` / ``num_threads`` arguments
+    (builds before them take ``(queries, gallery)`` only); probed once on a 1 x 1 input."""
+    one = np.zeros((1, 1), np.uint64)
+    try:
+        fn(one, one, mask=one, num_threads=1)
+    except TypeError:  # pybind11: incompatible function arguments
+        return False
+    return True

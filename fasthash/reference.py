@@ -6,12 +6,27 @@ clarity over speed and work in float64 when given float64. The math follows
 ``shared/BRCD_SPEC.md`` §3-5.
 
 Packed codes use the layout of :mod:`fasthash.codes` (bit j -> bit j % 64 of word j // 64).
+Inputs are checked by the shared validators (:func:`fasthash.codes.as_search_words` for packed
+words, :mod:`fasthash._checks` for the rest), so a reference rejects bad input with the same
+message as the fast path it specifies; this module holds only the math.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+
+from ._checks import (
+    check_bit_mask,
+    check_brcd_args,
+    check_codes,
+    check_int,
+    check_like,
+    check_probabilities,
+    check_temperature,
+    reduce_rows,
+)
+from .codes import as_search_words
 
 __all__ = [
     "masked_similarity_ref",
@@ -21,45 +36,10 @@ __all__ = [
     "nt_xent_ref",
     "bernoulli_kl_ref",
     "brcd_loss_ref",
-    "check_codes",
-    "words_to_torch",
 ]
 
 # popcount of every byte value; exact integer Hamming distances without a torch popcount op
 _POPCOUNT8 = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
-
-
-def check_codes(x: torch.Tensor, name: str, length: int | None = None) -> None:
-    """Raise a clear error unless ``x`` is a finite floating-point [N, L] tensor."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point tensor of relaxed codes, got {x.dtype}")
-    if x.ndim != 2:
-        raise ValueError(f"{name} must be 2-D [N, L], got shape {tuple(x.shape)}")
-    if x.shape[0] < 1 or x.shape[1] < 1:
-        raise ValueError(f"{name} must have at least one row and one bit, got {tuple(x.shape)}")
-    if length is not None and x.shape[1] != length:
-        raise ValueError(f"{name} must have L = {length} bits per row, got {x.shape[1]}")
-    if not torch.isfinite(x.detach()).all():
-        raise ValueError(f"{name} contains NaN or inf")
-
-
-def _check_mask(
-    mask: torch.Tensor | None, name: str, rows: int, length: int
-) -> torch.Tensor | None:
-    if mask is None:
-        return None
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(mask).__name__}")
-    if mask.ndim != 2 or mask.shape[1] != length:
-        raise ValueError(f"{name} must have shape [{rows}, {length}], got {tuple(mask.shape)}")
-    if mask.shape[0] != rows:
-        raise ValueError(f"{name} must have {rows} rows, got {mask.shape[0]}")
-    m = mask.detach()
-    if not ((m == 0) | (m == 1)).all():
-        raise ValueError(f"{name} must hold only 0 and 1")
-    return m
 
 
 def masked_similarity_ref(
@@ -96,8 +76,8 @@ def masked_similarity_ref(
     check_codes(x, "x")
     check_codes(y, "y", x.shape[1])
     n, length = x.shape
-    mx = _check_mask(mask_x, "mask_x", n, length)
-    my = _check_mask(mask_y, "mask_y", y.shape[0], length)
+    mx = None if mask_x is None else check_bit_mask(mask_x, "mask_x", length, n)
+    my = None if mask_y is None else check_bit_mask(mask_y, "mask_y", length, y.shape[0])
     xm = x if mx is None else x * mx.to(x.dtype)
     ym = y if my is None else y * my.to(y.dtype)
     num = xm @ ym.T
@@ -106,53 +86,10 @@ def masked_similarity_ref(
     return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
 
 
-def words_to_torch(words: np.ndarray | torch.Tensor, name: str = "words") -> torch.Tensor:
-    """Packed words as a ``torch.int64`` tensor [N, W] (numpy uint64 is reinterpreted, not cast)."""
-    if isinstance(words, np.ndarray):
-        if words.dtype not in (np.uint64, np.int64):
-            raise TypeError(f"{name} must be packed uint64 words, got dtype {words.dtype}")
-        t = torch.from_numpy(np.ascontiguousarray(words).view(np.int64))
-    elif isinstance(words, torch.Tensor):
-        if words.dtype == torch.uint64:
-            t = words.view(torch.int64)
-        elif words.dtype == torch.int64:
-            t = words
-        else:
-            raise TypeError(f"{name} must be packed words as torch.int64, got {words.dtype}")
-    else:
-        raise TypeError(f"{name} must be a numpy array or torch tensor, got {type(words).__name__}")
-    if t.ndim != 2:
-        raise ValueError(f"{name} must be 2-D [N, W], got shape {tuple(t.shape)}")
-    return t
-
-
 def _popcount(t: torch.Tensor) -> torch.Tensor:
     """Per-word popcount of an int64 tensor (exact), summed over the last axis."""
     u8 = t.contiguous().view(torch.uint8).reshape(*t.shape, 8)
     return _POPCOUNT8.to(t.device)[u8.long()].sum(dim=(-1, -2))
-
-
-def _prepare_search(q_words, x_words, mask):
-    q = words_to_torch(q_words, "queries")
-    x = words_to_torch(x_words, "gallery")
-    if q.shape[1] != x.shape[1]:
-        raise ValueError(
-            f"gallery must have the same number of words per code as queries ({q.shape[1]}), "
-            f"got {x.shape[1]}"
-        )
-    if x.shape[0] < 1:
-        raise ValueError("gallery must contain at least one code")
-    m = None
-    if mask is not None:
-        m = words_to_torch(mask.reshape(1, -1) if mask.ndim == 1 else mask, "mask")
-        if m.shape[1] != q.shape[1]:
-            raise ValueError(f"mask must have {q.shape[1]} words per row, got {m.shape[1]}")
-        if m.shape[0] not in (1, q.shape[0]):
-            raise ValueError(
-                f"mask must be one mask [W] or one per query [{q.shape[0]}, W], "
-                f"got {m.shape[0]} rows"
-            )
-    return q, x, m
 
 
 def hamming_distance_ref(
@@ -178,7 +115,7 @@ def hamming_distance_ref(
         >>> hamming_distance_ref(np.array([[5]], np.uint64), np.array([[6]], np.uint64))
         tensor([[2]])
     """
-    q, x, m = _prepare_search(q_words, x_words, mask)
+    q, x, m = as_search_words(q_words, x_words, mask, to="torch")
     diff = torch.bitwise_xor(q[:, None, :], x[None, :, :])
     if m is not None:
         diff = torch.bitwise_and(diff, m[:, None, :])
@@ -208,9 +145,7 @@ def topk_ref(
         ([[1, 1]], [[1, 2]])
     """
     dist = hamming_distance_ref(q_words, x_words, mask)
-    n = dist.shape[1]
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n:
-        raise ValueError(f"k must be an integer with 1 <= k <= N = {n}, got {k!r}")
+    k = check_int(k, "k", 1, dist.shape[1])
     d, i = torch.sort(dist, dim=1, stable=True)
     return d[:, :k].to(torch.int32), i[:, :k]
 
@@ -238,8 +173,7 @@ def radius_ref(
         >>> lims.tolist(), d.tolist(), i.tolist()
         ([0, 1], [1], [1])
     """
-    if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or r < 0:
-        raise ValueError(f"r must be a non-negative integer, got {r!r}")
+    r = check_int(r, "r", 0)
     dist = hamming_distance_ref(q_words, x_words, mask)
     d_sorted, i_sorted = torch.sort(dist, dim=1, stable=True)
     keep = d_sorted <= r
@@ -247,11 +181,6 @@ def radius_ref(
     lims = torch.zeros(dist.shape[0] + 1, dtype=torch.int64)
     lims[1:] = torch.cumsum(counts, 0)
     return lims, d_sorted[keep].to(torch.int32), i_sorted[keep]
-
-
-def _cosine(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """All-pairs cosine similarity [N, M]; 0 for a zero row."""
-    return masked_similarity_ref(x, y)
 
 
 def nt_xent_ref(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.3) -> torch.Tensor:
@@ -278,21 +207,15 @@ def nt_xent_ref(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.3) ->
     """
     check_codes(z1, "z1")
     check_codes(z2, "z2", z1.shape[1])
-    if z2.shape[0] != z1.shape[0]:
-        raise ValueError(f"z2 must have B = {z1.shape[0]} rows like z1, got {z2.shape[0]}")
-    _check_temperature(temperature)
+    check_like(z2, "z2", z1, "z1", device=False)
+    tau = check_temperature(temperature)
     b = z1.shape[0]
     z = torch.cat([z1, z2], dim=0)
-    s = _cosine(z, z) / temperature
+    s = masked_similarity_ref(z, z) / tau
     eye = torch.eye(2 * b, dtype=torch.bool, device=z.device)
     s = s.masked_fill(eye, float("-inf"))
     partner = torch.arange(2 * b, device=z.device).add(b).remainder(2 * b)
     return (torch.logsumexp(s, dim=1) - s[torch.arange(2 * b), partner]).mean()
-
-
-def _check_temperature(temperature: float) -> None:
-    if not (isinstance(temperature, (int, float)) and np.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
 
 
 def bernoulli_kl_ref(p1: torch.Tensor, p2: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
@@ -320,11 +243,9 @@ def bernoulli_kl_ref(p1: torch.Tensor, p2: torch.Tensor, eps: float = 1e-7) -> t
     """
     check_codes(p1, "p1")
     check_codes(p2, "p2", p1.shape[1])
-    if p1.shape != p2.shape:
-        raise ValueError(f"p2 must have shape {tuple(p1.shape)}, got {tuple(p2.shape)}")
-    for name, p in (("p1", p1), ("p2", p2)):
-        if ((p.detach() < 0) | (p.detach() > 1)).any():
-            raise ValueError(f"{name} must hold probabilities in [0, 1]")
+    check_like(p2, "p2", p1, "p1", device=False)
+    check_probabilities(p1, "p1")
+    check_probabilities(p2, "p2")
 
     def kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         p = p.clamp(eps, 1 - eps)
@@ -344,6 +265,7 @@ def brcd_loss_ref(
     aug_cluster_ids: torch.Tensor | None = None,
     alpha: float = 0.8,
     temperature: float = 0.3,
+    *,
     reduction: str = "mean",
 ) -> torch.Tensor:
     r"""The BRCD distillation term (BRCD_SPEC §3-5), mean over the 2B rows.
@@ -382,45 +304,25 @@ def brcd_loss_ref(
         >>> s = torch.tensor([[1., -1.], [-1., 1.]]); brcd_loss_ref(s, s, s).item() < 0.1
         True
     """
-    check_codes(student, "student")
+    teachers = {"teacher_same_view": teacher_same_view, "teacher_other_view": teacher_other_view}
+    c, c_aug, alpha, tau = check_brcd_args(
+        student, teachers, mask_table, cluster_ids, aug_cluster_ids,
+        alpha=alpha, temperature=temperature, reduction=reduction, same_device=False,
+    )
     bsz, length = student.shape
+    dev, dt = student.device, student.dtype
     t = teacher_same_view.detach()
     t2 = teacher_other_view.detach()
-    check_codes(t, "teacher_same_view", length)
-    check_codes(t2, "teacher_other_view", length)
-    for name, v in (("teacher_same_view", t), ("teacher_other_view", t2)):
-        if v.shape[0] != bsz:
-            raise ValueError(f"{name} must have B = {bsz} rows like student, got {v.shape[0]}")
-    _check_temperature(temperature)
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    if not (isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0):
-        raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
-
-    dev, dt = student.device, student.dtype
-    if mask_table is not None:
-        _check_mask(mask_table, "mask_table", mask_table.shape[0], length)
-        if mask_table.shape[0] < 1:
-            raise ValueError("mask_table must have at least one row")
-    c = _check_ids(cluster_ids, "cluster_ids", bsz, mask_table)
-    c_aug = _check_ids(aug_cluster_ids, "aug_cluster_ids", bsz, mask_table)
-    if c_aug is not None and c is None:
-        raise ValueError("aug_cluster_ids needs cluster_ids")
-    if c is not None and c_aug is None:
-        c_aug = c
-
     if mask_table is None:
         m = torch.ones(bsz, length, dtype=dt, device=dev)
-    elif c is None:
-        if mask_table.shape[0] != 1:
-            raise ValueError("cluster_ids is required when mask_table has more than one row")
+    elif c is None:  # a one-row table (checked)
         m = mask_table.to(dev, dt).expand(bsz, length)
     else:
         m = mask_table.to(dev, dt)[c]
 
     z = torch.cat([m * student, m * t2.to(dt)], dim=0)
-    g = masked_similarity_ref(z, z) / temperature
-    a_ind = torch.diagonal(_cosine(student, t.to(dt))) / temperature
+    g = masked_similarity_ref(z, z) / tau
+    a_ind = torch.diagonal(masked_similarity_ref(student, t.to(dt))) / tau
     rows = torch.arange(bsz, device=dev)
     g_pos = g[rows, rows + bsz]
     alpha_k = torch.full((bsz,), float(alpha), dtype=dt, device=dev)
@@ -441,33 +343,4 @@ def brcd_loss_ref(
         keep &= row_cluster[:, None] != col_cluster[None, :]
     neg = g.masked_fill(~keep, float("-inf"))
     lse = torch.logsumexp(torch.cat([pos2[:, None], neg], dim=1), dim=1)
-    return _reduce(lse - pos2, reduction)
-
-
-def _reduce(rows: torch.Tensor, reduction: str) -> torch.Tensor:
-    if reduction == "mean":
-        return rows.mean()
-    if reduction == "sum":
-        return rows.sum()
-    if reduction == "none":
-        return rows
-    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-
-
-def _check_ids(ids, name: str, bsz: int, mask_table: torch.Tensor | None):
-    if ids is None:
-        return None
-    if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"{name} must be an integer torch.Tensor [B]")
-    if ids.shape != (bsz,):
-        raise ValueError(f"{name} must have shape [{bsz}], got {tuple(ids.shape)}")
-    ids = ids.long()
-    if (ids < 0).any():
-        raise ValueError(f"{name} must be >= 0")
-    if mask_table is not None and (ids >= mask_table.shape[0]).any():
-        raise ValueError(
-            f"{name} must be < the number of mask_table rows ({mask_table.shape[0]}), "
-            f"got max {int(ids.max())}"
-        )
-    return ids
-
+    return reduce_rows(lse - pos2, reduction)

@@ -5,6 +5,8 @@ import pytest
 import torch
 
 from fasthash.codes import (
+    as_search_words,
+    as_words,
     from_faiss_bytes,
     num_words,
     pack_codes,
@@ -126,3 +128,72 @@ def test_faiss_distances_agree():
         full = np.bitwise_count(q[:, None, :] ^ x[None, :, :]).sum(-1)
         np.testing.assert_array_equal(np.take_along_axis(full, i, axis=1), d)
         np.testing.assert_array_equal(np.sort(full, axis=1), d)
+
+
+def test_as_words_views_without_copying_and_converts_kinds():
+    x = np.array([[1, 2**63], [3, 4]], dtype=np.uint64)
+    t = as_words(x, to="torch")
+    assert t.dtype == torch.int64 and t.data_ptr() == x.ctypes.data
+    back = as_words(t)
+    assert back.dtype == np.uint64 and back.ctypes.data == x.ctypes.data
+    assert as_words(torch.from_numpy(x.view(np.int64)).view(torch.uint64)).tolist() == x.tolist()
+    assert as_words(x[:, :1], contiguous=False).shape == (2, 1)
+    assert as_words(x[0], ndim=(1, 2)).shape == (2,)
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_as_words_checks_the_code_length(kind):
+    w = np.zeros((3, 2), dtype=np.uint64)
+    w[1, 1] = np.uint64(1) << np.uint64(6)  # bit 70 of a 70-bit code: beyond it
+    words = w if kind == "numpy" else torch.from_numpy(w.view(np.int64))
+    as_words(words, bits=71, to=kind)
+    with pytest.raises(ValueError, match="codes has bits set beyond bits=70"):
+        as_words(words, "codes", bits=70, to=kind)
+    as_words(words, bits=70, to=kind, check_tail=False)
+    with pytest.raises(ValueError, match="words per row for bits=200"):
+        as_words(words, bits=200, to=kind)
+    w[1, 1] = np.uint64(2**63)
+    with pytest.raises(ValueError, match="beyond bits=127"):
+        as_words(words, bits=127, to=kind)
+
+
+@pytest.mark.parametrize(
+    "call, exc, match",
+    [
+        pytest.param(lambda: as_words(np.zeros((2, 1), np.int32), "gallery"), TypeError,
+                     "gallery must be packed words", id="dtype"),
+        pytest.param(lambda: as_words([[1]], "queries"), TypeError, "queries must be a numpy",
+                     id="list"),
+        pytest.param(lambda: as_words(np.zeros(3, np.uint64), "q"), ValueError, "q must be 2-D",
+                     id="ndim"),
+        pytest.param(lambda: as_words(np.zeros((4, 2), np.uint64)[::2], "x", contiguous=True),
+                     ValueError, "x must be C-contiguous", id="strided"),
+        pytest.param(lambda: as_words(np.zeros((1, 1), np.uint64), bits=0), ValueError,
+                     "bits must be >= 1", id="bits0"),
+        pytest.param(lambda: as_search_words(np.zeros((2, 1), np.uint64),
+                                             np.zeros((3, 2), np.uint64)),
+                     ValueError, "same number of words", id="pair-words"),
+        pytest.param(lambda: as_search_words(np.zeros((2, 1), np.uint64),
+                                             np.zeros((0, 1), np.uint64)),
+                     ValueError, "gallery must contain at least one code", id="pair-empty"),
+        pytest.param(lambda: as_search_words(np.zeros((2, 1), np.uint64),
+                                             np.zeros((3, 1), np.uint64),
+                                             np.zeros((3, 1), np.uint64)),
+                     ValueError, "mask must be one mask", id="mask-rows"),
+    ],
+)
+def test_as_words_messages_name_the_argument(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+def test_as_search_words_canonical_mask_and_devices():
+    q, x = np.zeros((2, 1), np.uint64), np.ones((3, 1), np.uint64)
+    for m in (np.ones(1, np.uint64), np.ones((1, 1), np.uint64)):
+        assert as_search_words(q, x, m)[2].shape == (1, 1)
+    tq, tx, tm = as_search_words(q, x, np.ones((2, 1), np.uint64), to="torch")
+    assert tq.dtype == tx.dtype == tm.dtype == torch.int64 and tm.shape == (2, 1)
+    _, e, _ = as_search_words(q, x[:0], nonempty=False)
+    assert e.shape == (0, 1)
+    with pytest.raises(ValueError, match="must be on the CPU"):
+        as_search_words(torch.zeros(2, 1, dtype=torch.int64, device="meta"), x)

@@ -5,8 +5,10 @@ import json
 import subprocess
 import sys
 import time
+import warnings
 
 import fasthash
+from fasthash import env
 
 _BLOCK_C = """
 import importlib.abc, sys, warnings
@@ -34,15 +36,28 @@ def _run(code: str) -> str:
 def test_import_is_fast_and_imports_neither_triton_nor_brcd():
     code = (
         "import sys, time; t = time.perf_counter(); import fasthash; "
-        "print(time.perf_counter() - t, 'triton' in sys.modules, 'brcd' in sys.modules)"
+        "print(time.perf_counter() - t, 'triton' in sys.modules, 'brcd' in sys.modules, "
+        "'torch' in sys.modules)"
     )
-    seconds, triton, brcd = _run(code).split()
+    seconds, triton, brcd, torch = _run(code).split()
     assert float(seconds) < 2.0
-    assert (triton, brcd) == ("False", "False")
+    assert (triton, brcd, torch) == ("False", "False", "False")
 
 
 def test_missing_extension_warns_once_and_names_the_slower_path():
     assert _run(_BLOCK_C) == "1 False True"
+
+
+def test_warn_once_warns_once_per_key(monkeypatch):
+    monkeypatch.setattr(env, "_WARNED", set())
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        assert env.warn_once("k1", "slow path one", stacklevel=1) is True
+        assert env.warn_once("k1", "slow path one") is False
+        assert env.warn_once("k2", "slow path two", UserWarning) is True
+    assert [(str(x.message), x.category) for x in w] == [
+        ("slow path one", RuntimeWarning), ("slow path two", UserWarning)]
+    assert w[0].filename == __file__  # stacklevel counts from warn_once's caller
 
 
 def test_backend_info_reports_versions_and_paths():

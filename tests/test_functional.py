@@ -4,6 +4,7 @@ ops pass opcheck and run under torch.compile."""
 
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -11,6 +12,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fasthash
+from fasthash import env
+from fasthash import functional as F
 from fasthash import nn as fnn
 from fasthash import reference as ref
 from fasthash.ops import blocked, registry
@@ -354,3 +357,74 @@ def test_hamming_distance_cpu(w):
         fasthash.hamming_distance(q, x[:, :0])
     with pytest.raises(ValueError, match="mask"):
         fasthash.hamming_distance(q, x, torch.zeros(3, w, dtype=torch.int64))
+
+
+class _FakeC:
+    """A stand-in for fasthash._C recording how hamming_distances is called; ``old=True``
+    mimics a build whose hamming_distances takes (queries, gallery) only."""
+
+    def __init__(self, real, old=False):
+        self.real, self.old, self.calls = real, old, []
+
+    def hamming_distances(self, q, x, *args, **kwargs):
+        if self.old and (args or kwargs):
+            raise TypeError("hamming_distances(): incompatible function arguments")
+        self.calls.append(sorted(kwargs))
+        return self.real.hamming_distances(q, x, *args, **kwargs)
+
+
+def _masked_case(w=2):
+    g = _gen(20 + w)
+    q = torch.randint(-(2**62), 2**62, (5, w), generator=g)
+    x = torch.randint(-(2**62), 2**62, (40, w), generator=g)
+    per_query = torch.randint(-(2**62), 2**62, (5, w), generator=g)
+    return q, x, [per_query[0], per_query[:1], per_query]
+
+
+def test_masked_hamming_distance_runs_the_compiled_core(monkeypatch):
+    """A mask no longer sends the CPU path to the reference: _C gets the mask and the threads."""
+    if not fasthash.HAS_C:
+        pytest.skip("needs fasthash._C")
+    fake = _FakeC(fasthash._C)
+    if not F._takes_mask(fake.real.hamming_distances):
+        pytest.skip("this fasthash._C predates the mask argument")
+    monkeypatch.setattr(fasthash, "_C", fake)
+    monkeypatch.setattr(env, "_WARNED", set())
+    q, x, masks = _masked_case()
+    for m in masks:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no fallback warning
+            d = fasthash.hamming_distance(q, x, m, num_threads=2)
+        assert d.dtype == torch.int32
+        assert torch.equal(d.long(), ref.hamming_distance_ref(q, x, m))
+    assert fake.calls[-1] == ["mask", "num_threads"]
+    empty = fasthash.hamming_distance(q, x[:0], masks[0])
+    assert empty.shape == (5, 0) and empty.dtype == torch.int32
+    with pytest.raises(ValueError, match="num_threads"):
+        fasthash.hamming_distance(q, x, num_threads=0)
+
+
+@pytest.mark.parametrize("build", ["old", "missing"])
+def test_masked_hamming_distance_fallback_warns_once(monkeypatch, build):
+    q, x, masks = _masked_case()
+    monkeypatch.setattr(env, "_WARNED", set())
+    if build == "missing":
+        monkeypatch.setattr(fasthash, "HAS_C", False)
+        monkeypatch.setattr(fasthash, "_C", None)
+        match = "not built"
+    else:
+        if not fasthash.HAS_C:
+            pytest.skip("needs fasthash._C")
+        monkeypatch.setattr(fasthash, "_C", _FakeC(fasthash._C, old=True))
+        match = "too old"
+    with pytest.warns(RuntimeWarning, match=match):
+        d = fasthash.hamming_distance(q, x, masks[2])
+    assert torch.equal(d.long(), ref.hamming_distance_ref(q, x, masks[2]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once only
+        for m in masks:
+            got = fasthash.hamming_distance(q, x, m)
+            assert torch.equal(got.long(), ref.hamming_distance_ref(q, x, m))
+        if build == "old":  # unmasked calls still use the old build's two-argument form
+            assert torch.equal(fasthash.hamming_distance(q, x).long(),
+                               ref.hamming_distance_ref(q, x))

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import fasthash
+from fasthash import index as I
 from fasthash import search as S
-from fasthash.search import HammingIndex
+from fasthash.index import HammingIndex
 
 
 @pytest.fixture
@@ -75,13 +76,19 @@ def test_save_load_roundtrip(tmp_path, codes, mmap, monkeypatch):
     ref_m = idx.search(q, 25, mask=mask)
     ref_r = idx.range_search(q, 35)
     # small segments: the mapped gallery is searched piecewise and the pieces merged
-    monkeypatch.setattr(S, "_SEGMENT_BYTES", 16 * 333)
+    monkeypatch.setattr(I, "_SEGMENT_BYTES", 16 * 333)
     for got, want in ((back.search(q, 25), ref), (back.search(q, 25, mask=mask), ref_m),
                       (back.range_search(q, 35), ref_r)):
         for a, b in zip(got, want, strict=True):
             np.testing.assert_array_equal(a, b)
     back.add(codes[:3])  # a mapped index becomes an in-RAM copy before it changes
     assert len(back) == 2003
+
+
+def test_moved_names_are_re_exported():
+    assert fasthash.HammingIndex is S.HammingIndex is HammingIndex
+    assert (S._HEADER, S._HEADER_SIZE, S._MAGIC, S._VERSION) == (
+        I._HEADER, I._HEADER_SIZE, I._MAGIC, I._VERSION)
 
 
 def test_empty_index_roundtrip(tmp_path):
@@ -119,7 +126,7 @@ def test_damaged_files_raise(tmp_path, codes, damage, match, mmap):
 
 def test_future_version_is_refused(tmp_path, codes):
     path, raw = _saved(tmp_path, codes)
-    head = bytearray(raw[: S._HEADER.size])
+    head = bytearray(raw[: I._HEADER.size])
     head[8:12] = struct.pack("<I", 99)
     fixed = bytes(head) + struct.pack("<I", __import__("zlib").crc32(bytes(head)))
     path.write_bytes(fixed + bytes(raw[len(fixed) :]))

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 import fasthash
+from fasthash import env
 from fasthash import search as S
+from fasthash.codes import as_words
 from fasthash.reference import radius_ref, topk_ref
 
 C = pytest.importorskip("fasthash._C")
@@ -186,7 +188,8 @@ def test_torch_in_torch_out_and_zero_copy_views():
     np.testing.assert_array_equal(i.numpy(), ni)
     lims, rd, ri = fasthash.hamming_radius(tq, tx, 40)
     assert isinstance(lims, torch.Tensor)
-    assert S._as_words(torch.from_numpy(x.view(np.int64)), "x").ctypes.data == x.ctypes.data
+    view = as_words(torch.from_numpy(x.view(np.int64)), "x", contiguous=True)
+    assert view.ctypes.data == x.ctypes.data
 
 
 def test_empty_query_batch():
@@ -234,12 +237,41 @@ def test_fallback_without_extension(monkeypatch):
     fast = fasthash.hamming_topk(q, x, 40, m)
     fast_r = fasthash.hamming_radius(q, x, 1, m)
     monkeypatch.setattr(S, "_C", None)
-    monkeypatch.setattr(S, "_WARNED", False)
+    monkeypatch.setattr(env, "_WARNED", set())
     with pytest.warns(RuntimeWarning, match="_C is not built"):
         slow = fasthash.hamming_topk(q, x, 40, m)
     slow_r = fasthash.hamming_radius(q, x, 1, m)
     for a, b in zip(fast + fast_r, slow + slow_r, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_merge_helpers_equal_one_stable_sort():
+    """Piecewise results merged by (distance, index) equal the whole-gallery answer, whatever the
+    order of the pieces; the reference fallback and HammingIndex segments rely on this."""
+    rng = np.random.default_rng(11)
+    x = tie_heavy(rng, 900, 1, few_bits=4)
+    q = rng.integers(0, 16, (6, 1), dtype=np.uint64)
+    bounds = [0, 1, 250, 251, 700, 900]
+    pieces = list(zip(bounds[:-1], bounds[1:], strict=True))
+    rd, ri = np_topk(q, x, 900)
+    rl, rdd, rii = radius_ref(q, x, 1)
+    for order in (pieces, pieces[::-1]):
+        k = 60
+        tops = []
+        radii = []
+        for lo, hi in order:
+            d, i = S.hamming_topk(q, x[lo:hi], min(k, hi - lo))
+            tops.append((d, i + lo))
+            lims, dr, ir = S.hamming_radius(q, x[lo:hi], 1)
+            radii.append((lims, dr, ir + lo))
+        d, i = S.merge_topk(tops, k)
+        assert d.dtype == np.int32 and i.dtype == np.int64
+        np.testing.assert_array_equal(d, rd[:, :k])
+        np.testing.assert_array_equal(i, ri[:, :k])
+        for got, want in zip(S.merge_radius(radii, q.shape[0]), (rl, rdd, rii), strict=True):
+            np.testing.assert_array_equal(got, want.numpy())
+    d, i = S.merge_topk([(np.zeros((0, 2), np.int32), np.zeros((0, 2), np.int64))] * 2, 3)
+    assert d.shape == i.shape == (0, 3)
 
 
 def test_simd_env_override():
@@ -264,10 +296,101 @@ def test_set_simd_level_roundtrip():
     assert C.simd_level() == LEVELS[-1] or "FASTHASH_SIMD" in os.environ
 
 
-def test_hamming_distances_binding():
+def np_distances(q, x, m=None):
+    """D[i, j] = popcount((q_i ^ x_j) & m_i): what _C.hamming_distances must equal bit for bit."""
+    diff = q[:, None, :] ^ x[None, :, :]
+    if m is not None:
+        diff &= m.reshape(-1, 1, q.shape[1])
+    return np.bitwise_count(diff).sum(-1)
+
+
+@pytest.fixture(params=LEVELS)
+def level_in_use(request):
+    """Each level this CPU has, made the level in use through set_simd_level."""
+    before = C.simd_level()
+    C.set_simd_level(request.param)
+    yield request.param
+    C.set_simd_level(before)
+
+
+def _masks(rng, nq, w):
+    return {
+        "none": None,
+        "global": rng.integers(0, 2**64, (w,), dtype=np.uint64),
+        "one_row": rng.integers(0, 2**64, (1, w), dtype=np.uint64),
+        "per_query": rng.integers(0, 2**64, (nq, w), dtype=np.uint64),
+    }
+
+
+@pytest.mark.parametrize("w", [1, 2, 3, 4, 5, 8])
+def test_hamming_distances_match_numpy(level_in_use, w):
+    """Tail words, odd Q and N (partial blocks and chunks), 1-3 query register blocks, enough
+    query groups for the whole-gallery transposition, every mask form and 1-3 threads."""
+    rng = np.random.default_rng(100 + w)
+    for nq, n in ((1, 1), (2, 9001), (3, 17), (8, 9), (67, 1237)):
+        q = rng.integers(0, 2**64, (nq, w), dtype=np.uint64)
+        x = rng.integers(0, 2**64, (n, w), dtype=np.uint64)
+        for name, m in _masks(rng, nq, w).items():
+            ref = np_distances(q, x, m)
+            for t in (1, 2, 3):
+                d = C.hamming_distances(q, x, m, num_threads=t)
+                assert d.dtype == np.int32 and d.shape == (nq, n)
+                np.testing.assert_array_equal(d, ref, err_msg=f"{name} Q={nq} N={n} t={t}")
+            np.testing.assert_array_equal(C.hamming_distances(q, x, m, 2, level_in_use), ref)
+
+
+@pytest.mark.parametrize("w", [1, 3])
+def test_hamming_distances_gallery_ranges(level_in_use, w):
+    """Few queries on a large gallery: the gallery is cut into ranges, one task each."""
+    rng = np.random.default_rng(110 + w)
+    x = rng.integers(0, 2**64, (70_001, w), dtype=np.uint64)
+    q = rng.integers(0, 2**64, (3, w), dtype=np.uint64)
+    m = rng.integers(0, 2**64, (3, w), dtype=np.uint64)
+    ref, ref_m = np_distances(q, x), np_distances(q, x, m)
+    for t in (1, 2, 3, 5):
+        np.testing.assert_array_equal(C.hamming_distances(q, x, num_threads=t), ref)
+        np.testing.assert_array_equal(C.hamming_distances(q, x, m, num_threads=t), ref_m)
+
+
+def test_hamming_distances_positional_and_empty():
     rng = np.random.default_rng(10)
     q = rng.integers(0, 2**64, (3, 2), dtype=np.uint64)
     x = rng.integers(0, 2**64, (5, 2), dtype=np.uint64)
     np.testing.assert_array_equal(
         C.hamming_distances(q, x), np.bitwise_count(q[:, None] ^ x[None]).sum(-1)
     )
+    for nq, n in ((0, 5), (3, 0), (0, 0)):
+        for m in (None, np.ones(2, np.uint64)):
+            d = C.hamming_distances(q[:nq], x[:n], m)
+            assert d.dtype == np.int32 and d.shape == (nq, n)
+    # a distance matrix may be empty, a search may not
+    with pytest.raises(ValueError, match="gallery"):
+        C.topk(q, x[:0], 1)
+    with pytest.raises(ValueError, match="gallery"):
+        C.radius(q, x[:0], 1)
+
+
+@pytest.mark.parametrize(
+    "args, exc, word",
+    [
+        pytest.param(lambda q, x: (q, np.tile(x, (1, 2))), ValueError, "gallery", id="widths"),
+        pytest.param(lambda q, x: (q, x, np.ones(3, np.uint64)), ValueError, "mask",
+                     id="mask_words"),
+        pytest.param(lambda q, x: (q, x, np.ones((2, 2), np.uint64)), ValueError, "mask",
+                     id="mask_rows"),
+        pytest.param(lambda q, x: (q, x, np.ones(2, np.float64)), TypeError, "mask",
+                     id="mask_dtype"),
+        pytest.param(lambda q, x: (q.astype(np.int64), x), TypeError, "queries", id="dtype"),
+        pytest.param(lambda q, x: (q[0], x), ValueError, "queries", id="ndim"),
+        pytest.param(lambda q, x: (q, np.tile(x, (2, 1))[::2]), ValueError, "contiguous",
+                     id="strided"),
+        pytest.param(lambda q, x: (q[:, :0], x[:, :0]), ValueError, "word", id="zero_words"),
+        pytest.param(lambda q, x: (q, x, None, -1), ValueError, "num_threads", id="threads"),
+        pytest.param(lambda q, x: (q, x, None, 0, "sse9"), ValueError, "simd", id="simd"),
+    ],
+)
+def test_hamming_distances_bad_input(args, exc, word):
+    q = np.arange(6, dtype=np.uint64).reshape(3, 2)
+    x = np.arange(10, dtype=np.uint64).reshape(5, 2)
+    with pytest.raises(exc, match=f"^fasthash._C.hamming_distances: .*{word}"):
+        C.hamming_distances(*args(q, x))

@@ -15,9 +15,6 @@ import os
 
 import torch
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
-
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -25,16 +25,13 @@ import math
 
 import torch
 
+from ._constants import FIXED_SHIFT_LIMIT
+
 # Tile sizes of the CPU path: 256 x 1024 fp32 logits = 1 MiB, about one core's L2; the peak
 # extra memory is a few tiles plus O(N L) (31 MiB at 2B = 16384, L = 64; 512 x 2048 tiles gave
 # 64 MiB and no clear speed-up). Tests shrink them to exercise the tiling at small N.
 BLOCK_ROWS = 256
 BLOCK_COLS = 1024
-
-# exp(G - 1/tau) cannot overflow (|G| <= 1/tau for unit rows) and stays a normal number down to
-# G = -1/tau as long as 2/tau < this bound; then one exp per logit suffices and no running max is
-# needed. Beyond it (tau < ~0.025 in fp32) the online max is used.
-_FIXED_SHIFT_LIMIT = {torch.float32: 80.0, torch.float64: 700.0}
 
 
 def normalize_rows(x: torch.Tensor) -> torch.Tensor:
@@ -197,7 +194,7 @@ def contrastive_lse_cpu(
     pos2 = torch.cat([pos, pos]).to(dt)
     zs = z * inv_tau  # rows pre-scaled: one matmul gives logits
     zt = z.T
-    fixed = 2.0 * inv_tau < _FIXED_SHIFT_LIMIT[dt]
+    fixed = 2.0 * inv_tau < FIXED_SHIFT_LIMIT[dt]
     shift = torch.full((1, 1), -inv_tau, dtype=dt, device=z.device)
     lse = torch.empty(total, dtype=dt, device=z.device)
     feats = None
@@ -260,7 +257,7 @@ def contrastive_lse_backward_cpu(
     lse = lse.to(dt)
     zs = z * inv_tau
     zt = z.T
-    fixed = 2.0 * inv_tau < _FIXED_SHIFT_LIMIT[dt]
+    fixed = 2.0 * inv_tau < FIXED_SHIFT_LIMIT[dt]
     shift = torch.full((1, 1), -inv_tau, dtype=dt, device=z.device)
     coef = g * torch.exp(inv_tau - lse) if fixed else None
     feats = None

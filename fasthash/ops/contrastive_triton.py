@@ -26,11 +26,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import LN2, LOG2E, check_device, dot_precision, next_pow2
+from ._constants import FIXED_SHIFT_LIMIT, LN2, LOG2E
+from ._triton_common import check_device, dot_precision, next_pow2
 from ._triton_common import num_sms as _num_sms
 
-# 2/tau (in natural units) below which the fixed shift is safe in fp32 (exp(-80) is normal)
-_FIXED_SHIFT_LIMIT = 80.0
+_LOG2E = tl.constexpr(LOG2E)  # jit functions may read only constexpr globals
 
 
 @triton.jit
@@ -56,7 +56,7 @@ def _contrastive_lse_fwd_kernel(
     q = q * scale  # base-2 logits straight out of the dot
     partner = tl.where(rows < HALF, rows + HALF, rows - HALF)
     sample = tl.where(rows < HALF, rows, rows - HALF)
-    pos2 = tl.load(POS + sample, mask=rmask, other=0.0).to(tl.float32) * 1.4426950408889634
+    pos2 = tl.load(POS + sample, mask=rmask, other=0.0).to(tl.float32) * _LOG2E
     first = (pid_s == 0).to(tl.float32)
     if FIXED_SHIFT:
         # |logit|, |pos| <= 1/tau, so exp2(x - scale) lies in (2^(-2 scale), 1]
@@ -115,7 +115,7 @@ def _contrastive_lse_bwd_kernel(
                 mask=rmask[:, None] & lmask[None, :], other=0.0).to(tl.float32)
     q = q * scale
     partner = tl.where(rows < HALF, rows + HALF, rows - HALF)
-    lse_r = tl.load(LSE + rows, mask=rmask, other=0.0) * 1.4426950408889634
+    lse_r = tl.load(LSE + rows, mask=rmask, other=0.0) * _LOG2E
     g_r = tl.load(G + rows, mask=rmask, other=0.0)
     if HAS_CL:
         rc_r = tl.load(RC + rows, mask=rmask, other=-1)
@@ -129,7 +129,7 @@ def _contrastive_lse_bwd_kernel(
         k = tl.load(Z + cols[:, None] * stride_z + offs_l[None, :],
                     mask=cmask[:, None] & lmask[None, :], other=0.0).to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        lse_c = tl.load(LSE + cols, mask=cmask, other=0.0) * 1.4426950408889634
+        lse_c = tl.load(LSE + cols, mask=cmask, other=0.0) * _LOG2E
         g_c = tl.load(G + cols, mask=cmask, other=0.0)
         geo = (cmask[None, :] & (cols[None, :] != rows[:, None])
                & (cols[None, :] != partner[:, None]))
@@ -223,7 +223,7 @@ def contrastive_lse_forward(
     cols_per_split = triton.cdiv(n_ct, n_split) * bc
     n_split = triton.cdiv(total, cols_per_split)
     if fixed_shift is None:
-        fixed_shift = 2.0 * inv_tau < _FIXED_SHIFT_LIMIT
+        fixed_shift = 2.0 * inv_tau < FIXED_SHIFT_LIMIT[torch.float32]  # fp32 kernels
     m = torch.empty(n_split, total, dtype=torch.float32, device=z.device)
     lsum = torch.empty_like(m)
     pos = pos.float().contiguous()

@@ -7,25 +7,30 @@ cannot run inline asm, so a constexpr switch selects a SWAR popcount there (arit
 are harmless: every step masks away the sign-extended bits).
 
 Top-k (``_hamming_topk_fwd_kernel``): one program per (query tile, gallery split). Each gallery
-tile's distances become int64 keys ``distance << 32 | index``, so ascending key order IS the
-(distance, index) order of the CPU engine and :func:`fasthash.reference.topk_ref` (ties by
-gallery index) and every key is unique. A tile is reduced to its KP smallest keys with a bitonic
-top-k, merged with the running KP best (join + top-k), and each program writes its KP keys; the
-launcher merges the splits with one ``torch.topk`` over ``splits * KP`` keys per query.
+tile's distances become int64 keys ``distance << 32 | index`` (``_IDX_BITS = 32``), so ascending
+key order IS the (distance, index) order of the CPU engine and
+:func:`fasthash.reference.topk_ref` (ties by gallery index) and every key is unique. A tile is
+reduced to its KP smallest keys with a bitonic top-k, merged with the running KP best (join +
+top-k), and each program writes its KP keys; the launcher merges the splits with one
+``torch.topk`` over ``splits * KP`` keys per query.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import triton
 import triton.language as tl
 
-from ..reference import words_to_torch
+from .._checks import check_int
+from ..codes import as_search_words
 from ._triton_common import check_device, interpreting, next_pow2
 from ._triton_common import num_sms as _num_sms
 
-_SENTINEL = 0x7FFFFFFFFFFFFFFF  # larger than every real key
+# Top-k keys are ``distance << _IDX_BITS | index`` (int64); the sentinel, the int64 maximum, is
+# larger than every real key. jit functions may read only constexpr globals, hence the _JIT twin.
+_IDX_BITS = 32
+_IDX_BITS_JIT = tl.constexpr(_IDX_BITS)
+_SENTINEL = tl.constexpr(0x7FFFFFFFFFFFFFFF)
 _MAX_KP = 1024  # above this k the launcher merges distance chunks with torch.topk
 
 
@@ -66,13 +71,13 @@ def _merge_extract(best, key, BLOCK_Q: tl.constexpr, KP: tl.constexpr):
     """KP smallest of ``best`` and ``key`` by repeated row minima (the interpreter's choice:
     its bitonic sort runs a Python combine per element and is ~100x slower)."""
     cols = tl.arange(0, KP)[None, :]
-    out = tl.full([BLOCK_Q, KP], 0x7FFFFFFFFFFFFFFF, tl.int64)
+    out = tl.full([BLOCK_Q, KP], _SENTINEL, tl.int64)
     for j in tl.static_range(KP):
         mn = tl.minimum(tl.min(best, 1), tl.min(key, 1))
         out = tl.where(cols == j, mn[:, None], out)
         # keys are unique (they contain the index), so this removes exactly the minimum
-        best = tl.where(best == mn[:, None], 0x7FFFFFFFFFFFFFFF, best)
-        key = tl.where(key == mn[:, None], 0x7FFFFFFFFFFFFFFF, key)
+        best = tl.where(best == mn[:, None], _SENTINEL, best)
+        key = tl.where(key == mn[:, None], _SENTINEL, key)
     return out
 
 
@@ -102,7 +107,7 @@ def _hamming_topk_fwd_kernel(
     pid_s = tl.program_id(1)
     rq = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
     qmask = rq < NQ
-    best = tl.full([BLOCK_Q, KP], 0x7FFFFFFFFFFFFFFF, tl.int64)
+    best = tl.full([BLOCK_Q, KP], _SENTINEL, tl.int64)
     start = pid_s * n_per_split
     end = tl.minimum(NX, start + n_per_split)
     for n0 in range(start, end, BLOCK_N):
@@ -110,8 +115,8 @@ def _hamming_topk_fwd_kernel(
         nmask = rn < end
         d = _tile_distances(Q, X, MSK, rq, qmask, rn, nmask, W, stride_q, stride_x, stride_m,
                             MASK_MODE, HW_POPC, BLOCK_Q, BLOCK_N)
-        key = (d.to(tl.int64) << 32) | rn.to(tl.int64)[None, :]
-        key = tl.where(nmask[None, :], key, 0x7FFFFFFFFFFFFFFF)
+        key = (d.to(tl.int64) << _IDX_BITS_JIT) | rn.to(tl.int64)[None, :]
+        key = tl.where(nmask[None, :], key, _SENTINEL)
         if USE_SORT:  # bitonic top-k of the tile, then of (running best ++ tile best)
             if BLOCK_N > KP:
                 key = tl.topk(key, KP, dim=1, descending=False)
@@ -126,38 +131,22 @@ def _hamming_topk_fwd_kernel(
 # --------------------------------------------------------------------------- launchers
 
 
-def _as_words(t, name: str, device: torch.device) -> torch.Tensor:
-    """torch.int64 words on ``device`` (numpy uint64/int64 and torch uint64 are reinterpreted)."""
-    if isinstance(t, torch.Tensor) and t.dtype not in (torch.int64, torch.uint64):
-        raise TypeError(f"{name} must hold packed words as torch.int64, got {t.dtype}")
-    return words_to_torch(t, name).to(device)
-
-
 def _prepare(queries, gallery, mask):
+    """Checked contiguous int64 words on one device, the kernels' mask mode and mask stride."""
     tensors = [t for t in (queries, gallery, mask) if isinstance(t, torch.Tensor)]
     if not tensors:
         raise TypeError("queries or gallery must be a torch tensor (on CUDA)")
     device = next((t.device for t in tensors if t.device.type == "cuda"), tensors[0].device)
-    queries = _as_words(queries, "queries", device)
-    gallery = _as_words(gallery, "gallery", device)
-    check_device(queries, gallery)
-    if queries.shape[1] != gallery.shape[1]:
-        raise ValueError(f"gallery must have {queries.shape[1]} words per code like queries, "
-                         f"got {gallery.shape[1]}")
-    if gallery.shape[0] < 1:
-        raise ValueError("gallery must contain at least one code")
-    if gallery.shape[0] >= 2**32:
-        raise ValueError("gallery must have fewer than 2**32 codes")
-    q, x = queries.contiguous(), gallery.contiguous()
-    mode, m, sm = 0, q, 0
-    if mask is not None:
-        m = _as_words(mask.reshape(1, -1) if mask.ndim == 1 else mask, "mask", device)
-        if m.ndim != 2 or m.shape[1] != q.shape[1] or m.shape[0] not in (1, q.shape[0]):
-            raise ValueError(f"mask must be [{q.shape[1]}] or [{q.shape[0]}, {q.shape[1]}] "
-                             f"words, got {tuple(mask.shape)}")
-        m = m.contiguous()
-        mode, sm = (1, 0) if m.shape[0] == 1 else (2, m.stride(0))
-    return q, x, m, mode, sm
+    q, x, m = as_search_words(queries, gallery, mask, to="torch", device=device)
+    check_device(q, x)
+    if x.shape[0] >= 2**_IDX_BITS:
+        raise ValueError(f"gallery must have fewer than 2**{_IDX_BITS} codes")
+    q, x = q.contiguous(), x.contiguous()
+    if m is None:
+        return q, x, q, 0, 0
+    m = m.contiguous()
+    mode, stride_m = (1, 0) if m.shape[0] == 1 else (2, m.stride(0))
+    return q, x, m, mode, stride_m
 
 
 def _dist_config(device: torch.device, block_q=None, block_n=None):
@@ -206,7 +195,7 @@ def hamming_distance_forward(
 
 def _keys_to_result(keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     top = torch.topk(keys, k, dim=1, largest=False, sorted=True).values
-    return (top >> 32).to(torch.int32), top & 0xFFFFFFFF
+    return (top >> _IDX_BITS).to(torch.int32), top & ((1 << _IDX_BITS) - 1)
 
 
 def hamming_topk_cuda(
@@ -246,9 +235,7 @@ def hamming_topk_cuda(
     q, x, m, mode, sm = _prepare(queries, gallery, mask)
     nq, w = q.shape
     nx = x.shape[0]
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= nx:
-        raise ValueError(f"k must be an integer with 1 <= k <= N = {nx}, got {k!r}")
-    k = int(k)
+    k = check_int(k, "k", 1, nx)
     if nq == 0:
         return (torch.empty(0, k, dtype=torch.int32, device=q.device),
                 torch.empty(0, k, dtype=torch.int64, device=q.device))
@@ -260,7 +247,7 @@ def hamming_topk_cuda(
         for c0 in range(0, nx, chunk):
             d = hamming_distance_forward(q, x[c0:c0 + chunk], m if mode else None)
             idx = torch.arange(c0, c0 + d.shape[1], device=q.device, dtype=torch.int64)
-            keys = (d.to(torch.int64) << 32) | idx[None, :]
+            keys = (d.to(torch.int64) << _IDX_BITS) | idx[None, :]
             if best is not None:
                 keys = torch.cat([best, keys], dim=1)
             best = torch.topk(keys, min(k, keys.shape[1]), dim=1, largest=False).values

@@ -16,24 +16,15 @@ Ops (inputs are validated by :mod:`fasthash.functional`, not here):
 """
 
 # no `from __future__ import annotations`: custom_op infers its schema from real type hints
-import warnings
-
 import torch
 
+from ..env import warn_once
 from . import blocked
 
 Tensor = torch.Tensor
 
-_WARNED: set = set()
-
 # Triton kernels keep a whole (padded) code row in registers; longer codes use the torch path.
 _TRITON_MAX_BITS = 512
-
-
-def _warn_once(key: str, msg: str) -> None:
-    if key not in _WARNED:
-        _WARNED.add(key)
-        warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
 def triton_usable() -> bool:
@@ -45,18 +36,14 @@ def triton_usable() -> bool:
     return True
 
 
-def _out_dtype(*ts: Tensor) -> torch.dtype:
-    return blocked.compute_dtype(*ts)
-
-
 def _use_triton(key: str, length: int, *ts: Tensor) -> bool:
     """Whether a CUDA call runs the Triton kernels: triton importable, L within the kernels'
     register budget and no float64 input (float64 stays exact on the torch path)."""
     if any(t.dtype == torch.float64 for t in ts):
         return False
     if length > _TRITON_MAX_BITS or not triton_usable():
-        _warn_once(key, f"fasthash: Triton kernel not used for {key} (triton missing or "
-                   f"L > {_TRITON_MAX_BITS}); running the blocked torch path on CUDA")
+        warn_once(f"triton:{key}", f"fasthash: Triton kernel not used for {key} (triton missing "
+                  f"or L > {_TRITON_MAX_BITS}); running the blocked torch path on CUDA")
         return False
     return True
 
@@ -80,7 +67,7 @@ def masked_similarity(
 
 @masked_similarity.register_fake
 def _(x, y, mx_table, mx_ids, my_table, my_ids, normalize):
-    return x.new_empty((x.shape[0], y.shape[0]), dtype=_out_dtype(x, y))
+    return x.new_empty((x.shape[0], y.shape[0]), dtype=blocked.compute_dtype(x, y))
 
 
 @torch.library.register_kernel("fasthash::masked_similarity", "cuda")
@@ -111,7 +98,7 @@ def masked_similarity_grad(
 
 @masked_similarity_grad.register_fake
 def _(grad, x, y, mx_table, mx_ids, my_table, my_ids, normalize):
-    return x.new_empty(x.shape, dtype=_out_dtype(x, y))
+    return x.new_empty(x.shape, dtype=blocked.compute_dtype(x, y))
 
 
 @torch.library.register_kernel("fasthash::masked_similarity_grad", "cuda")
@@ -165,7 +152,7 @@ def contrastive_lse(
 
 @contrastive_lse.register_fake
 def _(za, zb, pos, row_cluster, col_cluster, inv_tau):
-    return za.new_empty((2 * za.shape[0],), dtype=_out_dtype(za, zb, pos))
+    return za.new_empty((2 * za.shape[0],), dtype=blocked.compute_dtype(za, zb, pos))
 
 
 @torch.library.register_kernel("fasthash::contrastive_lse", "cuda")
@@ -196,7 +183,7 @@ def contrastive_lse_backward(
 
 @contrastive_lse_backward.register_fake
 def _(grad_lse, za, zb, lse, row_cluster, col_cluster, inv_tau, grad_rows):
-    return za.new_empty((grad_rows, za.shape[1]), dtype=_out_dtype(za, zb, lse))
+    return za.new_empty((grad_rows, za.shape[1]), dtype=blocked.compute_dtype(za, zb, lse))
 
 
 @torch.library.register_kernel("fasthash::contrastive_lse_backward", "cuda")
