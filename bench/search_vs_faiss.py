@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from fasthash import _C  # noqa: E402
 from fasthash.env import _cpu_model  # noqa: E402
-from fasthash.search import HammingIndex  # noqa: E402
+from fasthash.index import HammingIndex  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -305,7 +305,7 @@ def write_random_index(path: str, n: int, bits: int) -> None:
     import struct
     import zlib
 
-    from fasthash import search as S
+    from fasthash import index as S
 
     w = bits // 64
     rng = np.random.default_rng(2)

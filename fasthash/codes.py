@@ -284,9 +284,6 @@ def _check_bits(w: ArrayLike, bits: int, name: str, check_tail: bool) -> None:
             )
 
 
-# brcd.retrieval.index imports this name; the one validator is as_words
-as_words_numpy = as_words
-
 
 def as_search_words(
     queries: ArrayLike,

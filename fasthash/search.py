@@ -35,13 +35,12 @@ except ImportError:  # pragma: no cover - exercised by a subprocess test
 
 _REF_BLOCK = 2048  # gallery codes per block of the reference fallback
 
-# HammingIndex and its file-format constants moved to fasthash.index; this module re-exports
-# them lazily (fasthash.index imports this module, so an eager import would be circular).
-_FROM_INDEX = ("HammingIndex", "_HEADER", "_HEADER_SIZE", "_MAGIC", "_VERSION")
+# HammingIndex moved to fasthash.index; this module re-exports it lazily (fasthash.index imports
+# this module, so an eager import would be circular).
 
 
 def __getattr__(name: str):
-    if name in _FROM_INDEX:
+    if name == "HammingIndex":
         from . import index
 
         return getattr(index, name)

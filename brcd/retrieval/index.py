@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fasthash.codes import as_words_numpy, num_words, pack_codes
+from fasthash.codes import as_words, num_words, pack_codes
 
 __all__ = ["as_packed", "block_distances", "topk", "stable_order", "iter_query_blocks", "engine"]
 
@@ -41,7 +41,7 @@ def as_packed(codes, bits: int | None = None, name: str = "codes") -> tuple[np.n
     if bits is not None:
         if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or bits < 1:
             raise ValueError(f"bits must be a positive integer, got {bits!r}")
-        words = as_words_numpy(codes, name)
+        words = as_words(codes, name)
         if words.shape[1] != num_words(bits):
             raise ValueError(
                 f"{name} must have ceil(bits / 64) = {num_words(bits)} words per row for "
