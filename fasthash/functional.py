@@ -13,8 +13,6 @@ float64. Outputs are float32 (float64 for float64 inputs); input gradients have 
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 import torch
 
@@ -256,8 +254,8 @@ def hamming_distance(
 
     ``D[i, j] = popcount((x_i XOR y_j) AND m_i)``, ``m_i`` a global mask ``[W]``, the i-th row of
     a per-query mask ``[Q, W]``, or all ones. CPU: the compiled core ``fasthash._C`` (threaded,
-    SIMD), or the pure-torch reference after a one-time warning when ``_C`` is missing or too old
-    for masks; CUDA: a Triton kernel (hardware popcount).
+    SIMD), or the pure-torch reference after a one-time warning when ``_C`` is missing; CUDA: a
+    Triton kernel (hardware popcount).
 
     Args:
         x_words: packed query words (numpy uint64 or torch int64, layout of
@@ -286,36 +284,15 @@ def hamming_distance(
         return hamming_distance_forward(q, x, m)
     from . import _C, HAS_C
 
-    fn = _C.hamming_distances if HAS_C else None
-    if fn is not None and (m is None or _takes_mask(fn)):
-        return torch.from_numpy(_c_distances(fn, q, x, m, threads))
-    why = "is not built" if fn is None else "is too old for masked distances (rebuild it)"
+    if HAS_C:
+        qn, xn = (np.ascontiguousarray(t.numpy()).view(np.uint64) for t in (q, x))
+        mn = None if m is None else np.ascontiguousarray(m.numpy()).view(np.uint64)
+        return torch.from_numpy(_C.hamming_distances(qn, xn, mask=mn, num_threads=threads))
     warn_once(
         "hamming_distance:reference",
-        f"fasthash._C {why}: fasthash.hamming_distance runs the pure-torch reference "
+        "fasthash._C is not built: fasthash.hamming_distance runs the pure-torch reference "
         "(fasthash.reference.hamming_distance_ref), 10-100x slower. Build it with "
         "'python setup.py build_ext --inplace'.",
     )
     return ref.hamming_distance_ref(q, x, m).to(torch.int32)
 
-
-def _c_distances(fn, q: torch.Tensor, x: torch.Tensor, m: torch.Tensor | None, threads: int):
-    """``fn`` (``_C.hamming_distances``) on numpy views of CPU words."""
-    qn = np.ascontiguousarray(q.numpy()).view(np.uint64)
-    xn = np.ascontiguousarray(x.numpy()).view(np.uint64)
-    if not _takes_mask(fn):
-        return fn(qn, xn)  # an older build: (queries, gallery) only, no mask (checked)
-    mn = None if m is None else np.ascontiguousarray(m.numpy()).view(np.uint64)
-    return fn(qn, xn, mask=mn, num_threads=threads)
-
-
-@functools.lru_cache(maxsize=4)
-def _takes_mask(fn) -> bool:
-    """Whether a build's ``_C.hamming_distances`` has the ``mask`` / ``num_threads`` arguments
-    (builds before them take ``(queries, gallery)`` only); probed once on a 1 x 1 input."""
-    one = np.zeros((1, 1), np.uint64)
-    try:
-        fn(one, one, mask=one, num_threads=1)
-    except TypeError:  # pybind11: incompatible function arguments
-        return False
-    return True

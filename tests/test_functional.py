@@ -13,7 +13,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fasthash
 from fasthash import env
-from fasthash import functional as F
 from fasthash import nn as fnn
 from fasthash import reference as ref
 from fasthash.ops import blocked, registry
@@ -360,15 +359,12 @@ def test_hamming_distance_cpu(w):
 
 
 class _FakeC:
-    """A stand-in for fasthash._C recording how hamming_distances is called; ``old=True``
-    mimics a build whose hamming_distances takes (queries, gallery) only."""
+    """A stand-in for fasthash._C recording how hamming_distances is called."""
 
-    def __init__(self, real, old=False):
-        self.real, self.old, self.calls = real, old, []
+    def __init__(self, real):
+        self.real, self.calls = real, []
 
     def hamming_distances(self, q, x, *args, **kwargs):
-        if self.old and (args or kwargs):
-            raise TypeError("hamming_distances(): incompatible function arguments")
         self.calls.append(sorted(kwargs))
         return self.real.hamming_distances(q, x, *args, **kwargs)
 
@@ -386,8 +382,6 @@ def test_masked_hamming_distance_runs_the_compiled_core(monkeypatch):
     if not fasthash.HAS_C:
         pytest.skip("needs fasthash._C")
     fake = _FakeC(fasthash._C)
-    if not F._takes_mask(fake.real.hamming_distances):
-        pytest.skip("this fasthash._C predates the mask argument")
     monkeypatch.setattr(fasthash, "_C", fake)
     monkeypatch.setattr(env, "_WARNED", set())
     q, x, masks = _masked_case()
@@ -404,20 +398,12 @@ def test_masked_hamming_distance_runs_the_compiled_core(monkeypatch):
         fasthash.hamming_distance(q, x, num_threads=0)
 
 
-@pytest.mark.parametrize("build", ["old", "missing"])
-def test_masked_hamming_distance_fallback_warns_once(monkeypatch, build):
+def test_masked_hamming_distance_fallback_warns_once(monkeypatch):
     q, x, masks = _masked_case()
     monkeypatch.setattr(env, "_WARNED", set())
-    if build == "missing":
-        monkeypatch.setattr(fasthash, "HAS_C", False)
-        monkeypatch.setattr(fasthash, "_C", None)
-        match = "not built"
-    else:
-        if not fasthash.HAS_C:
-            pytest.skip("needs fasthash._C")
-        monkeypatch.setattr(fasthash, "_C", _FakeC(fasthash._C, old=True))
-        match = "too old"
-    with pytest.warns(RuntimeWarning, match=match):
+    monkeypatch.setattr(fasthash, "HAS_C", False)
+    monkeypatch.setattr(fasthash, "_C", None)
+    with pytest.warns(RuntimeWarning, match="not built"):
         d = fasthash.hamming_distance(q, x, masks[2])
     assert torch.equal(d.long(), ref.hamming_distance_ref(q, x, masks[2]))
     with warnings.catch_warnings():
@@ -425,6 +411,3 @@ def test_masked_hamming_distance_fallback_warns_once(monkeypatch, build):
         for m in masks:
             got = fasthash.hamming_distance(q, x, m)
             assert torch.equal(got.long(), ref.hamming_distance_ref(q, x, m))
-        if build == "old":  # unmasked calls still use the old build's two-argument form
-            assert torch.equal(fasthash.hamming_distance(q, x).long(),
-                               ref.hamming_distance_ref(q, x))
