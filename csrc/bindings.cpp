@@ -122,7 +122,9 @@ SearchInput make_input(const char* fn, const py::object& queries, const py::obje
     in.mask = m.ptr;
     in.mask_rows = m.rows == 1 ? 1 : in.nq;
   }
-  check(num_threads >= 0, fn, "num_threads must be >= 0 (0: all cores)");
+  check(num_threads >= 0 && num_threads <= kMaxThreads, fn,
+        "num_threads must satisfy 0 <= num_threads <= " + std::to_string(kMaxThreads) +
+            " (0: all cores)");
   in.num_threads = num_threads;
   in.simd = resolve_simd(fn, "simd", simd);
   return in;
@@ -229,4 +231,5 @@ PYBIND11_MODULE(_C, m) {
   m.def("available_simd_levels", &available_simd_levels,
         "SIMD levels this CPU supports, slowest first.");
   m.def("hardware_threads", &hardware_threads, "Threads used when num_threads is 0.");
+  m.attr("MAX_THREADS") = kMaxThreads;
 }

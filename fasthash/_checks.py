@@ -14,6 +14,13 @@ import numpy as np
 import torch
 
 REDUCTIONS = ("mean", "sum", "none")
+# Worker threads of one search call. The pool of the compiled core keeps its threads for the life
+# of the process, so the count is bounded; csrc/include/fasthash/search.h (kMaxThreads, exported
+# as fasthash._C.MAX_THREADS) checks the same bound.
+MAX_THREADS = 1024
+MAX_BITS = 1 << 20  # the longest code the compiled engine searches (and a HammingIndex holds)
+MAX_RADIUS = (1 << 63) - 1  # the engine's int64 radius; any r >= the code length returns all
+DEVICES = ("cpu", "cuda")  # where tensors may live (meta tensors hold no data to check)
 
 
 def check_int(value, name: str, lo: int, hi: int | None = None) -> int:
@@ -31,28 +38,59 @@ def check_int(value, name: str, lo: int, hi: int | None = None) -> int:
 
 
 def check_threads(num_threads: int | None) -> int:
-    """The compiled engine's thread count: None -> 0 (every core), else an integer >= 1."""
+    """The compiled engine's thread count: None -> 0 (every core), else an integer in
+    ``[1, MAX_THREADS]`` (1024)."""
     if num_threads is None:
         return 0
-    return check_int(num_threads, "num_threads", 1)
+    return check_int(num_threads, "num_threads", 1, MAX_THREADS)
+
+
+def check_bits(bits, hi: int | None = None) -> int:
+    """``int(bits)`` for a code length: an integer >= 1 (and <= ``hi`` when given)."""
+    return check_int(bits, "bits", 1, hi)
+
+
+def check_radius(r) -> int:
+    """``int(r)`` for a search radius: an integer in ``[0, 2**63 - 1]`` (the engine's int64)."""
+    return check_int(r, "r", 0, MAX_RADIUS)
+
+
+def check_simd(simd) -> str:
+    """A SIMD level name for the compiled engine ("" = the level in use); the engine checks the
+    name itself (``fasthash._C.available_simd_levels()``)."""
+    if simd is None:
+        return ""
+    if not isinstance(simd, str):
+        raise TypeError(
+            f"simd must be None or a level name ('scalar', 'avx2' or 'avx512'), "
+            f"got {type(simd).__name__}"
+        )
+    return simd
+
+
+def check_device(t: torch.Tensor, name: str) -> None:
+    """Raise unless tensor ``t`` lives on the CPU or a CUDA device (a meta tensor has no data)."""
+    if t.device.type not in DEVICES:
+        raise ValueError(f"{name} must be on the CPU or a CUDA device, got {t.device.type}")
+
+
+def _is_real(value) -> bool:
+    """A Python or numpy real scalar, bool excluded (``temperature=True`` is a mistake)."""
+    return not isinstance(value, (bool, np.bool_)) and isinstance(
+        value, (int, float, np.integer, np.floating)
+    )
 
 
 def check_temperature(temperature) -> float:
-    """``float(temperature)`` for a finite number > 0."""
-    ok = (
-        not isinstance(temperature, bool)
-        and isinstance(temperature, (int, float))
-        and math.isfinite(temperature)
-        and temperature > 0
-    )
-    if not ok:
+    """``float(temperature)`` for a finite number > 0 (Python or numpy scalar)."""
+    if not (_is_real(temperature) and math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     return float(temperature)
 
 
 def check_alpha(alpha) -> float:
-    """``float(alpha)`` for a number in [0, 1]."""
-    if isinstance(alpha, bool) or not (isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0):
+    """``float(alpha)`` for a number in [0, 1] (Python or numpy scalar)."""
+    if not (_is_real(alpha) and 0.0 <= alpha <= 1.0):
         raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
     return float(alpha)
 
@@ -77,6 +115,7 @@ def check_codes(x, name: str, length: int | None = None) -> None:
     ``L == length`` when given."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    check_device(x, name)
     if not x.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor of relaxed codes, got {x.dtype}")
     if x.ndim != 2:
@@ -113,6 +152,7 @@ def check_bit_mask(
     on ``device`` when given; returned detached."""
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor or None, got {type(mask).__name__}")
+    check_device(mask, name)
     want = f"[{rows}, {length}]" if rows is not None else f"[C, {length}] with C >= 1"
     if mask.ndim != 2 or mask.shape[1] != length or mask.shape[0] < 1:
         raise ValueError(f"{name} must have shape {want}, got {tuple(mask.shape)}")
@@ -134,6 +174,7 @@ def check_ids(
     if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32):
         got = ids.dtype if isinstance(ids, torch.Tensor) else type(ids).__name__
         raise TypeError(f"{name} must be an integer (int64/int32) torch.Tensor [{rows}], got {got}")
+    check_device(ids, name)
     if ids.shape != (rows,):
         raise ValueError(f"{name} must have shape [{rows}], got {tuple(ids.shape)}")
     if device is not None and ids.device != device:

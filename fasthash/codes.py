@@ -23,6 +23,8 @@ from typing import Union
 import numpy as np
 import torch
 
+from ._checks import check_bits, check_device
+
 ArrayLike = Union[np.ndarray, torch.Tensor]  # noqa: UP007 - a runtime alias on 3.10
 
 __all__ = [
@@ -44,7 +46,7 @@ def num_words(bits: int) -> int:
         >>> num_words(64), num_words(65)
         (1, 2)
     """
-    return (int(bits) + 63) // 64
+    return (check_bits(bits) + 63) // 64
 
 
 def sign_ste(x: torch.Tensor) -> torch.Tensor:
@@ -76,6 +78,7 @@ def sign_ste(x: torch.Tensor) -> torch.Tensor:
 def _to_bits(codes: ArrayLike, name: str) -> ArrayLike:
     """Validate codes and return a bool array/tensor of the same kind (True = bit set)."""
     if isinstance(codes, torch.Tensor):
+        check_device(codes, name)
         if codes.ndim != 2:
             raise ValueError(f"{name} must be 2-D [N, L], got shape {tuple(codes.shape)}")
         if codes.dtype == torch.bool:
@@ -135,12 +138,17 @@ def pack_codes(codes: ArrayLike, bits: int | None = None) -> ArrayLike:
         >>> pack_codes(np.array([[1, -1, 1.0]]))
         array([[5]], dtype=uint64)
     """
-    b = _to_bits(codes, "codes")
+    return _pack(codes, bits, "codes")
+
+
+def _pack(codes: ArrayLike, bits: int | None, name: str) -> ArrayLike:
+    """:func:`pack_codes` with ``name`` (the caller's argument) in its messages."""
+    b = _to_bits(codes, name)
     n, length = b.shape
-    if bits is not None and int(bits) != length:
-        raise ValueError(f"bits must equal codes.shape[1] = {length}, got {bits}")
+    if bits is not None and check_bits(bits) != length:
+        raise ValueError(f"bits must equal {name}.shape[1] = {length}, got {bits}")
     if length < 1:
-        raise ValueError("codes must have at least one bit (shape [N, L] with L >= 1)")
+        raise ValueError(f"{name} must have at least one bit (shape [N, L] with L >= 1)")
     w = num_words(length)
     pad = w * 64 - length
     if isinstance(b, np.ndarray):
@@ -176,15 +184,17 @@ def unpack_codes(words: ArrayLike, bits: int) -> ArrayLike:
         array([[ 1., -1.,  1.]], dtype=float32)
     """
     # padding bits are ignored here (as always), so no tail check
+    bits = check_bits(bits)
     to = "torch" if isinstance(words, torch.Tensor) else "numpy"
     w = as_words(words, "words", bits=bits, to=to, check_tail=False)
+    n, nw = w.shape  # explicit shapes: zero rows give [0, bits]
     if isinstance(w, np.ndarray):
-        u8 = np.ascontiguousarray(w).view(np.uint8).reshape(w.shape[0], -1)
+        u8 = np.ascontiguousarray(w).view(np.uint8).reshape(n, 8 * nw)
         b = np.unpackbits(u8, axis=1, bitorder="little")[:, :bits]
         return np.where(b.astype(bool), np.float32(1), np.float32(-1))
     shifts = torch.arange(64, device=w.device, dtype=torch.int64)
     b = torch.bitwise_and(torch.bitwise_right_shift(w.unsqueeze(-1), shifts), 1)
-    b = b.reshape(w.shape[0], -1)[:, :bits]
+    b = b.reshape(n, 64 * nw)[:, :bits]
     return b.to(torch.float32) * 2 - 1
 
 
@@ -236,6 +246,7 @@ def as_words(
             raise TypeError(
                 f"{name} must be packed words (torch.int64 or np.uint64), got dtype {words.dtype}"
             )
+        check_device(words, name)
         if to == "numpy" and words.device.type != "cpu":
             raise ValueError(f"{name} must be on the CPU like the other inputs, got {words.device}")
         if contiguous and not words.is_contiguous():
@@ -259,30 +270,33 @@ def as_words(
         want = " or ".join(f"{d}-D" for d in ndim)
         raise ValueError(f"{name} must be {want} packed words, got shape {tuple(out.shape)}")
     if bits is not None:
-        _check_bits(out, int(bits), name, check_tail)
+        _check_bits(out, check_bits(bits), name, check_tail)
     return out
 
 
 def _check_bits(w: ArrayLike, bits: int, name: str, check_tail: bool) -> None:
-    if bits < 1:
-        raise ValueError(f"bits must be >= 1, got {bits}")
     if w.shape[-1] != num_words(bits):
         raise ValueError(
             f"{name} must have ceil(bits / 64) = {num_words(bits)} words per row for bits={bits}, "
             f"got {w.shape[-1]}"
         )
-    if check_tail and bits % 64 and w.shape[0]:
-        last = w[..., -1]
-        if isinstance(last, np.ndarray):
-            stray = (last >> np.uint64(bits % 64)).any()
-        else:  # arithmetic shift of int64: any set bit at or above bits % 64 leaves a non-zero
-            stray = bool((last >> (bits % 64)).ne(0).any())
-        if stray:
-            raise ValueError(
-                f"{name} has bits set beyond bits={bits} in the last word "
-                "(codes of a different length?)"
-            )
+    if check_tail and has_stray_bits(w, bits):
+        raise ValueError(
+            f"{name} has bits set beyond bits={bits} in the last word "
+            "(codes of a different length?)"
+        )
 
+
+def has_stray_bits(w: ArrayLike, bits: int) -> bool:
+    """Whether any row of words ``w [..., W]`` sets a bit at or beyond ``bits`` (the padding of
+    the last word, which must be 0)."""
+    if not bits % 64 or not w.shape[0]:
+        return False
+    last = w[..., -1]
+    if isinstance(last, np.ndarray):
+        return bool((last >> np.uint64(bits % 64)).any())
+    # arithmetic shift of int64: any set bit at or above bits % 64 leaves a non-zero
+    return bool((last >> (bits % 64)).ne(0).any())
 
 
 def as_search_words(
@@ -380,8 +394,9 @@ def to_faiss_bytes(words: ArrayLike, bits: int) -> np.ndarray:
         array([[5]], dtype=uint8)
     """
     # check_tail=False: the historical contract copies whatever the padding holds
+    bits = check_bits(bits)
     arr = as_words(words, "words", bits=bits, check_tail=False)
-    nbytes = (int(bits) + 7) // 8
+    nbytes = (bits + 7) // 8
     return np.ascontiguousarray(np.ascontiguousarray(arr).view(np.uint8)[:, :nbytes])
 
 
@@ -406,9 +421,8 @@ def from_faiss_bytes(codes_u8: np.ndarray, bits: int) -> np.ndarray:
         raise TypeError("codes_u8 must be a numpy uint8 array")
     if codes_u8.ndim != 2:
         raise ValueError(f"codes_u8 must be 2-D [N, bytes], got shape {codes_u8.shape}")
-    if int(bits) < 1:
-        raise ValueError(f"bits must be >= 1, got {bits}")
-    nbytes = (int(bits) + 7) // 8
+    bits = check_bits(bits)
+    nbytes = (bits + 7) // 8
     if codes_u8.shape[1] != nbytes:
         raise ValueError(
             f"codes_u8 must have ceil(bits / 8) = {nbytes} bytes per row for bits={bits}, "

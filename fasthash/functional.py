@@ -260,7 +260,8 @@ def hamming_distance(
     Args:
         x_words: packed query words (numpy uint64 or torch int64, layout of
             :mod:`fasthash.codes`). y_words: packed gallery words. mask: packed mask words.
-        num_threads: CPU worker threads (default: every core). Results do not depend on it.
+        num_threads: CPU worker threads, 1 to 1024 (default: every core). Results do not
+            depend on it.
 
     Shape:
         ``[Q, W]`` x ``[N, W]`` -> ``[Q, N]``.

@@ -7,73 +7,50 @@ results are merged by (distance, index) with :func:`~fasthash.search.merge_topk`
 :func:`~fasthash.search.merge_radius`, so results equal one search over the whole gallery.
 
 Files are versioned and checksummed, written through a temporary file and a rename, and verified
-when read (header always, data CRC32 by default).
+when read (header always, data CRC32 and padding bits by default); see :mod:`fasthash._indexfile`.
 """
 
 from __future__ import annotations
 
-import mmap as _mmap
 import os
-import struct
-import tempfile
-import zlib
+import threading
 from collections.abc import Iterator
 
 import numpy as np
 import torch
 
-from ._checks import check_int
-from .codes import ArrayLike, as_words, num_words, pack_codes
+from . import _indexfile as _file
+from ._checks import MAX_BITS, check_bits, check_device, check_int, check_radius, check_threads
+from .codes import ArrayLike, _pack, as_words, num_words
 from .search import hamming_radius, hamming_topk, merge_radius, merge_topk
 
 __all__ = ["HammingIndex"]
 
-_MAGIC = b"FASTHASH"
-_VERSION = 1
-_HEADER = struct.Struct("<8sIIQII")  # magic, version, bits, count, words, data crc32
-_HEADER_SIZE = 4096  # the data starts page-aligned so it can be memory-mapped and released
+# the file layout (defined in fasthash._indexfile), for tools that write index files directly
+_MAGIC, _VERSION = _file.MAGIC, _file.VERSION
+_HEADER, _HEADER_SIZE = _file.HEADER, _file.HEADER_SIZE
+
 _SEGMENT_BYTES = 64 << 20  # memory-mapped galleries are searched 64 MiB at a time
-_IO_BYTES = 16 << 20  # bounded extra memory while writing or checksumming
-
-
-def _crc32(buf: np.ndarray, chunk: int = _IO_BYTES, release=None) -> int:
-    """CRC32 of an array's bytes, streamed in chunks (``release(lo, n)`` after each one)."""
-    crc = 0
-    view = memoryview(np.ascontiguousarray(buf).reshape(-1).view(np.uint8))
-    for lo in range(0, len(view), chunk):
-        crc = zlib.crc32(view[lo : lo + chunk], crc)
-        if release is not None:
-            release(lo, min(chunk, len(view) - lo))
-    return crc
-
-
-def _read_header(path: str, head: bytes, size: int) -> tuple[int, int, int, int]:
-    """Check a file header; return ``(bits, count, words, data_crc)``."""
-    hs = _HEADER.size
-    if len(head) < hs + 4 or head[:8] != _MAGIC:
-        raise ValueError(f"{path} is not a fasthash index (bad magic or too short)")
-    _, version, bits, count, words, data_crc = _HEADER.unpack(head[:hs])
-    (head_crc,) = struct.unpack("<I", head[hs : hs + 4])
-    if zlib.crc32(head[:hs]) != head_crc:
-        raise ValueError(f"{path}: corrupted header (checksum mismatch)")
-    if version != _VERSION:
-        raise ValueError(f"{path}: unsupported index version {version} (expected {_VERSION})")
-    if bits < 1 or words != num_words(bits):
-        raise ValueError(f"{path}: inconsistent header (bits={bits}, words={words})")
-    expected = _HEADER_SIZE + count * words * 8
-    if size != expected:
-        raise ValueError(
-            f"{path}: truncated or padded file ({size} bytes, expected {expected} for "
-            f"{count} codes of {bits} bits)"
-        )
-    return bits, count, words, data_crc
 
 
 class HammingIndex:
     """Exact Hamming index of L-bit codes, in RAM or memory-mapped from a file.
 
+    Threads: searches may run concurrently with each other and with :meth:`add` (and with
+    :meth:`save`, :meth:`words_array`, ``len``). Each search works on a consistent snapshot of
+    the gallery taken under a short lock at its start (the scan itself runs without the lock,
+    so concurrent searches scan in parallel); an add is published at once under the same lock,
+    so a search sees either all or none of an add, and ``len`` counts every completed add.
+
+    Memory-mapped files: the file's size is checked (``os.fstat`` of the kept descriptor)
+    before every segment is scanned, copied or written, so a file truncated by another writer
+    raises ``OSError`` naming it instead of crashing. A truncation in the middle of one
+    segment's scan cannot be caught and kills the process with SIGBUS, as can touching the map
+    returned by :meth:`words_array` after a truncation. :meth:`save` never truncates: it
+    replaces the file by a rename, and an open map keeps reading the old file.
+
     Args:
-        bits: the code length L (>= 1).
+        bits: the code length L, 1 <= L <= 2**20 (the compiled engine's limit).
 
     Example:
         >>> index = HammingIndex(3)
@@ -84,15 +61,24 @@ class HammingIndex:
     """
 
     def __init__(self, bits: int):
-        self.bits = check_int(bits, "bits", 1)
+        self.bits = check_bits(bits, MAX_BITS)
         self.words = num_words(self.bits)
-        self._chunks: list[np.ndarray] = []  # added since the last search (concatenated lazily)
-        self._data: np.ndarray = np.zeros((0, self.words), dtype=np.uint64)
-        self._mmap: _mmap.mmap | None = None
+        self._lock = threading.Lock()  # guards the three fields below
+        self._chunks: list[np.ndarray] = []  # added since the last snapshot (joined lazily)
+        self._data: np.ndarray = np.zeros((0, self.words), dtype=np.uint64)  # never modified
+        self._file: _file.MappedFile | None = None  # the map _data views, if any
+
+    def __getstate__(self) -> dict:
+        return {"bits": self.bits, "data": np.array(self._snapshot()[0])}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["bits"])
+        self._data = state["data"]
 
     # ---- contents
     def __len__(self) -> int:
-        return int(self._data.shape[0]) + sum(int(c.shape[0]) for c in self._chunks)
+        with self._lock:
+            return int(self._data.shape[0]) + sum(int(c.shape[0]) for c in self._chunks)
 
     @property
     def ntotal(self) -> int:
@@ -107,6 +93,7 @@ class HammingIndex:
         have ``bits`` columns.
         """
         if isinstance(codes, torch.Tensor):
+            check_device(codes, name)
             codes = codes.detach().cpu()
         if not isinstance(codes, (np.ndarray, torch.Tensor)):
             raise TypeError(
@@ -121,77 +108,69 @@ class HammingIndex:
                 f"{name} must be codes [N, {self.bits}] or packed words [N, {self.words}], "
                 f"got shape {tuple(codes.shape)}"
             )
-        return np.ascontiguousarray(as_words(pack_codes(codes), name))
+        return np.ascontiguousarray(as_words(_pack(codes, None, name), name))
 
     def add(self, codes: ArrayLike) -> None:
         """Append codes to the index (a memory-mapped index is first copied into RAM).
 
+        Safe while other threads search: a search sees all or none of these codes.
+
         Args:
             codes: ±1 floats, 0/1 integers or bools ``[N, bits]``, or packed words ``[N, W]``
-                (``np.uint64`` / ``torch.int64``), numpy or torch on any device.
+                (``np.uint64`` / ``torch.int64``), numpy or torch on the CPU or a CUDA device.
 
         Example:
             >>> index = HammingIndex(70); index.add(np.ones((2, 70), np.float32)); len(index)
             2
         """
-        if self._mmap is not None:
-            self._materialize()
         w = self._to_words(codes, "codes")
-        if w.shape[0]:
-            self._chunks.append(np.array(w, dtype=np.uint64, copy=True))
+        if not w.shape[0]:
+            return
+        w = np.array(w, dtype=np.uint64, copy=True)
+        with self._lock:
+            if self._file is not None:
+                self._materialize_locked()
+            self._chunks.append(w)
 
-    def _gallery(self) -> np.ndarray:
-        if self._chunks:
-            self._data = np.ascontiguousarray(np.concatenate([self._data, *self._chunks]))
-            self._chunks = []
-        return self._data
+    def _snapshot(self) -> tuple[np.ndarray, _file.MappedFile | None]:
+        """The gallery now and the map it views (None in RAM); pending adds are joined first.
+        The array is never modified afterwards (adds make new ones), so it may be scanned
+        without the lock."""
+        with self._lock:
+            if self._chunks:
+                self._data = np.concatenate([self._data, *self._chunks])
+                self._chunks = []
+            return self._data, self._file
 
-    def _materialize(self) -> None:
-        """Copy a memory-mapped gallery into RAM (before it is modified)."""
-        data = np.array(self._data, copy=True)
-        self._close_mmap()
-        self._data = data
-
-    def _close_mmap(self) -> None:
-        if self._mmap is not None:
-            self._data = np.zeros((0, self.words), dtype=np.uint64)
-            try:
-                self._mmap.close()
-            except BufferError:  # a view is still alive; the mapping closes with it
-                pass
-            self._mmap = None
+    def _materialize_locked(self) -> None:
+        """Copy a memory-mapped gallery into RAM (before it is modified); holds the lock."""
+        data, mapped = self._data, self._file
+        out = np.empty(data.shape, dtype=np.uint64)
+        for lo, rows in _file.iter_rows(data, max(1, _file.IO_BYTES // (8 * self.words)), mapped):
+            out[lo : lo + rows.shape[0]] = rows
+        self._data, self._file = out, None  # the map closes when its last search finishes
 
     def words_array(self) -> np.ndarray:
-        """The packed gallery ``[N, W]`` (a read-only memory map for a mapped index)."""
-        return self._gallery()
+        """The packed gallery ``[N, W]`` (a read-only memory map for a mapped index: reading it
+        after another writer truncated the file kills the process with SIGBUS)."""
+        return self._snapshot()[0]
 
     # ---- search
-    def _segments(self) -> Iterator[tuple[int, np.ndarray]]:
-        """(offset, words) pieces of the gallery; a memory map is cut so RSS stays bounded."""
-        data = self._gallery()
-        if self._mmap is None:
+    def _segments(
+        self, data: np.ndarray, mapped: _file.MappedFile | None
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        """(offset, words) pieces of a snapshot; a memory map is cut so RSS stays bounded, and
+        the file's size is checked before each piece."""
+        if mapped is None:
             yield 0, data
             return
-        per = max(1, _SEGMENT_BYTES // (8 * self.words))
-        for lo in range(0, data.shape[0], per):
-            yield lo, data[lo : lo + per]
-            self._release(lo, min(per, data.shape[0] - lo))
+        yield from _file.iter_rows(data, max(1, _SEGMENT_BYTES // (8 * self.words)), mapped)
 
-    def _release(self, lo: int, count: int) -> None:
-        """Drop the mapped pages of codes [lo, lo + count) from this process (re-read on use)."""
-        if self._mmap is None or not hasattr(self._mmap, "madvise"):
-            return
-        start = _HEADER_SIZE + lo * 8 * self.words
-        end = start + count * 8 * self.words
-        page = _mmap.PAGESIZE
-        a = (start + page - 1) // page * page
-        b = end // page * page
-        if b > a:
-            self._mmap.madvise(_mmap.MADV_DONTNEED, a, b - a)
-
-    def _check_searchable(self) -> None:
-        if len(self) == 0:
+    def _searchable(self) -> tuple[np.ndarray, _file.MappedFile | None]:
+        data, mapped = self._snapshot()
+        if data.shape[0] == 0:
             raise ValueError("the index is empty: add codes before searching")
+        return data, mapped
 
     def search(
         self,
@@ -205,9 +184,9 @@ class HammingIndex:
 
         Args:
             queries: codes ``[Q, bits]`` or packed words ``[Q, W]`` (as :meth:`add` takes).
-            k: 1 <= k <= len(index).
+            k: 1 <= k <= len(index) (at the start of this search).
             mask: None, ``[W]`` or ``[Q, W]`` packed mask words.
-            num_threads: worker threads (default: every core).
+            num_threads: worker threads, 1 to 1024 (default: every core).
 
         Shape:
             queries ``[Q, bits]`` or ``[Q, W]`` -> distances ``[Q, k]``, indices ``[Q, k]``.
@@ -216,16 +195,20 @@ class HammingIndex:
             (int32 distances, int64 indices) ordered by (distance, index); torch tensors for
             torch queries.
 
+        Raises:
+            OSError: the memory-mapped file was truncated (see the class docstring).
+
         Example:
             >>> index = HammingIndex(2); index.add(np.array([[1, 1], [1, -1]], np.float32))
             >>> [v.tolist() for v in index.search(np.array([[1, -1]], np.float32), 2)]
             [[[0, 1]], [[1, 0]]]
         """
-        self._check_searchable()
-        k = check_int(k, "k", 1, len(self))
+        data, mapped = self._searchable()
+        k = check_int(k, "k", 1, data.shape[0])
         q = self._to_words(queries, "queries")
+        check_threads(num_threads)
         best = None
-        for lo, seg in self._segments():
+        for lo, seg in self._segments(data, mapped):
             d, i = hamming_topk(q, seg, min(k, seg.shape[0]), mask, num_threads=num_threads)
             part = (d, i + lo)
             best = part if best is None else merge_topk([best, part], k)
@@ -244,7 +227,8 @@ class HammingIndex:
         """Every code within (masked) Hamming distance ``r`` (see :func:`fasthash.hamming_radius`).
 
         Args:
-            queries: codes ``[Q, bits]`` or packed words ``[Q, W]``. r: radius >= 0 (inclusive).
+            queries: codes ``[Q, bits]`` or packed words ``[Q, W]``.
+            r: radius, 0 <= r <= 2**63 - 1 (inclusive).
             mask, num_threads: as in :meth:`search`.
 
         Shape:
@@ -259,11 +243,12 @@ class HammingIndex:
             >>> [v.tolist() for v in index.range_search(np.array([[1, -1]], np.float32), 0)]
             [[0, 1], [0], [1]]
         """
-        self._check_searchable()
-        r = check_int(r, "r", 0)
+        data, mapped = self._searchable()
+        r = check_radius(r)
         q = self._to_words(queries, "queries")
+        check_threads(num_threads)
         parts = []
-        for lo, seg in self._segments():
+        for lo, seg in self._segments(data, mapped):
             lims, d, i = hamming_radius(q, seg, r, mask, num_threads=num_threads)
             parts.append((lims, d, i + lo))
         out = parts[0] if len(parts) == 1 else merge_radius(parts, q.shape[0])
@@ -279,8 +264,13 @@ class HammingIndex:
         per code, u32 CRC32 of the data, u32 CRC32 of those 32 bytes; zero padding to 4096 bytes;
         then ``count * words`` uint64 words.
 
+        An existing file keeps its permission bits; a new one gets the default of ``open()``
+        (0666 less the umask). The temporary ``.<name>.tmp<pid>.<token>`` lives in the
+        destination's folder until the rename; one left by a killed save is removed by the
+        next save or load of the same path.
+
         Args:
-            path: the destination; its directory holds the temporary file until the rename.
+            path: the destination.
 
         Example:
             >>> import tempfile, os.path
@@ -290,24 +280,8 @@ class HammingIndex:
             ...     len(HammingIndex.load(os.path.join(d, "g.fhidx"), mmap=False))
             3
         """
-        data = self._gallery()
-        path = os.fspath(path)
-        head = _HEADER.pack(_MAGIC, _VERSION, self.bits, data.shape[0], self.words, _crc32(data))
-        head += struct.pack("<I", zlib.crc32(head))
-        fd, tmp = tempfile.mkstemp(prefix=".fasthash-", dir=os.path.dirname(path) or ".")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(head.ljust(_HEADER_SIZE, b"\0"))
-                per = max(1, _IO_BYTES // (8 * self.words))
-                for lo in range(0, data.shape[0], per):
-                    f.write(np.ascontiguousarray(data[lo : lo + per], dtype="<u8").tobytes())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        data, mapped = self._snapshot()
+        _file.write_index(os.fspath(path), self.bits, data, mapped)
 
     @classmethod
     def load(
@@ -316,55 +290,53 @@ class HammingIndex:
         """Open a saved index; ``mmap=True`` maps the gallery instead of reading it into RAM.
 
         Args:
-            path: a file written by :meth:`save`.
+            path: a regular file written by :meth:`save`.
             mmap: search the file through a read-only memory map, in 64 MiB segments whose pages
                 are released after use, so the resident memory stays far below the file size.
-            verify: check the data CRC32 (one streaming pass). The header is always checked.
+            verify: one streaming pass that checks the data CRC32 and that no code sets a bit
+                beyond ``bits``. The header (magic, CRC32, version, sizes, zero padding) is
+                always checked; with ``mmap=False`` the padding bits are checked always too.
 
         Returns:
             the index (memory-mapped or in RAM).
 
         Raises:
-            ValueError: not an index file, unknown version, truncated or corrupted.
+            ValueError: not a regular file, not an index file, unknown version, truncated,
+                sparse (holes instead of the declared codes), corrupted, or bits set beyond
+                ``bits``.
+            MemoryError: ``mmap=False`` and the codes do not fit in memory.
 
         Example:
             See :meth:`save`.
         """
         path = os.fspath(path)
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            bits, count, words, data_crc = _read_header(path, f.read(_HEADER_SIZE), size)
+        _file.remove_stale_temps(path)
+        fd = _file.open_regular(path)
+        index = mapped = None
+        try:
+            size = os.fstat(fd).st_size
+            head = os.pread(fd, _HEADER_SIZE, 0)
+            bits, count, words, data_crc = _file.parse_header(path, head, size)
+            _file.check_allocated(fd, path, size, count)
             index = cls(bits)
-            if count == 0:
-                return index
-            if mmap:
-                index._map(f, count, data_crc if verify else None, path)
+            if count and mmap:
+                mapped = _file.MappedFile(fd, path, count, words)
+                if verify:
+                    _file.data_pass(mapped.data, bits, path, data_crc, mapped)
+                index._data, index._file = mapped.data, mapped
+            elif count:
+                data = _file.read_words(fd, path, count, words)
+                _file.data_pass(data, bits, path, data_crc if verify else None, None)
+                index._data = data
+        except BaseException:
+            if mapped is not None:
+                mapped.close()
             else:
-                data = np.fromfile(f, dtype="<u8", count=count * words)
-                if data.size != count * words:
-                    raise ValueError(f"{path}: truncated data")
-                index._data = data.reshape(count, words).astype(np.uint64, copy=False)
-                if verify and _crc32(index._data) != data_crc:
-                    raise ValueError(f"{path}: corrupted data (checksum mismatch)")
+                os.close(fd)
+            raise
+        if mapped is None:
+            os.close(fd)
         return index
-
-    def _map(self, f, count: int, data_crc: int | None, path: str) -> None:
-        """Memory-map ``count`` codes of an open index file; check their CRC32 when given,
-        releasing the pages as the checksum passes them."""
-        mm = _mmap.mmap(f.fileno(), 0, access=_mmap.ACCESS_READ)
-        self._mmap = mm
-        data = np.frombuffer(mm, dtype="<u8", count=count * self.words, offset=_HEADER_SIZE)
-        self._data = data.reshape(count, self.words).view(np.uint64)
-        if data_crc is None:
-            return
-        row = 8 * self.words
-
-        def release(lo: int, n: int) -> None:
-            self._release(lo // row, n // row)
-
-        if _crc32(self._data, _IO_BYTES, release) != data_crc:
-            self._close_mmap()
-            raise ValueError(f"{path}: corrupted data (checksum mismatch)")
 
     # ---- FAISS interop
     @classmethod
@@ -400,11 +372,13 @@ class HammingIndex:
         from .codes import to_faiss_bytes
 
         out = faiss.IndexBinaryFlat(8 * ((self.bits + 7) // 8))
-        data = self._gallery()
+        data, mapped = self._snapshot()
+        if mapped is not None:
+            mapped.check()
         if data.shape[0]:
             out.add(to_faiss_bytes(data, self.bits))
         return out
 
     def __repr__(self) -> str:
-        where = "mmap" if self._mmap is not None else "ram"
+        where = "mmap" if self._file is not None else "ram"
         return f"HammingIndex(bits={self.bits}, n={len(self)}, {where})"

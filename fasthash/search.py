@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ._checks import check_int, check_threads
+from ._checks import check_int, check_radius, check_simd, check_threads
 from .codes import ArrayLike, as_search_words
 from .env import warn_once
 
@@ -174,14 +174,14 @@ def _run_topk(q, x, k, m, num_threads, simd):
     if _C is None:
         _warn_fallback()
         return _topk_reference(q, x, k, m)
-    return _C.topk(q, x, k, m, num_threads, simd or "")
+    return _C.topk(q, x, k, m, num_threads, simd)
 
 
 def _run_radius(q, x, r, m, num_threads, simd):
     if _C is None:
         _warn_fallback()
         return _radius_reference(q, x, r, m)
-    return _C.radius(q, x, r, m, num_threads, simd or "")
+    return _C.radius(q, x, r, m, num_threads, simd)
 
 
 def hamming_topk(
@@ -201,7 +201,8 @@ def hamming_topk(
         k: 1 <= k <= N.
         mask: None, one mask ``[W]`` for all queries, or one per query ``[Q, W]`` (packed words):
             only bits set in the mask are counted. An all-zero mask gives distance 0 everywhere.
-        num_threads: worker threads (default: every core). Results do not depend on it.
+        num_threads: worker threads, 1 to 1024 (default: every core). Results do not depend
+            on it.
         simd: force ``"scalar"``, ``"avx2"`` or ``"avx512"`` for this call (default: the level
             in use, see ``fasthash._C.simd_level()``).
 
@@ -224,7 +225,7 @@ def hamming_topk(
         return hamming_topk_cuda(queries, gallery, k, mask)
     q, x, m = _prepare(queries, gallery, mask)
     k = check_int(k, "k", 1, x.shape[0])
-    d, i = _run_topk(q, x, k, m, check_threads(num_threads), simd)
+    d, i = _run_topk(q, x, k, m, check_threads(num_threads), check_simd(simd))
     if _wants_torch(queries, gallery):
         return torch.from_numpy(d), torch.from_numpy(i)
     return d, i
@@ -243,7 +244,7 @@ def hamming_radius(
 
     Args:
         queries, gallery, mask, num_threads, simd: as in :func:`hamming_topk`.
-        r: radius >= 0 (inclusive).
+        r: radius, 0 <= r <= 2**63 - 1 (inclusive; r >= the code length returns everything).
 
     Shape:
         -> lims ``[Q + 1]``, distances ``[lims[-1]]``, indices ``[lims[-1]]``.
@@ -262,11 +263,13 @@ def hamming_radius(
     device = None
     if _is_cuda(queries, gallery, mask):
         device = next(t.device for t in (queries, gallery, mask) if _is_cuda(t))
-        queries, gallery = queries.cpu(), gallery.cpu()
-        mask = mask.cpu() if isinstance(mask, torch.Tensor) else mask
+        # non-tensors go on unchanged, to be named by the validator
+        queries, gallery, mask = (
+            t.cpu() if isinstance(t, torch.Tensor) else t for t in (queries, gallery, mask)
+        )
     q, x, m = _prepare(queries, gallery, mask)
-    r = check_int(r, "r", 0)
-    lims, d, i = _run_radius(q, x, r, m, check_threads(num_threads), simd)
+    r = check_radius(r)
+    lims, d, i = _run_radius(q, x, r, m, check_threads(num_threads), check_simd(simd))
     if _wants_torch(queries, gallery):
         out = tuple(torch.from_numpy(a) for a in (lims, d, i))
         return tuple(t.to(device) for t in out) if device is not None else out

@@ -169,7 +169,7 @@ def test_as_words_checks_the_code_length(kind):
         pytest.param(lambda: as_words(np.zeros((4, 2), np.uint64)[::2], "x", contiguous=True),
                      ValueError, "x must be C-contiguous", id="strided"),
         pytest.param(lambda: as_words(np.zeros((1, 1), np.uint64), bits=0), ValueError,
-                     "bits must be >= 1", id="bits0"),
+                     "bits must satisfy bits >= 1, got 0", id="bits0"),
         pytest.param(lambda: as_search_words(np.zeros((2, 1), np.uint64),
                                              np.zeros((3, 2), np.uint64)),
                      ValueError, "same number of words", id="pair-words"),
@@ -197,3 +197,62 @@ def test_as_search_words_canonical_mask_and_devices():
     assert e.shape == (0, 1)
     with pytest.raises(ValueError, match="must be on the CPU"):
         as_search_words(torch.zeros(2, 1, dtype=torch.int64, device="meta"), x)
+
+
+@pytest.mark.parametrize(
+    "call, exc, match",
+    [
+        pytest.param(lambda w: as_words(w, bits=1.5), TypeError,
+                     r"^bits must be an integer, got float$", id="as_words-float"),
+        pytest.param(lambda w: as_words(w, bits=True), TypeError,
+                     r"^bits must be an integer, got bool$", id="as_words-bool"),
+        pytest.param(lambda w: unpack_codes(w, None), TypeError,
+                     r"^bits must be an integer, got NoneType$", id="unpack-none"),
+        pytest.param(lambda w: unpack_codes(w, "3"), TypeError,
+                     r"^bits must be an integer, got str$", id="unpack-str"),
+        pytest.param(lambda w: unpack_codes(w, 2.5), TypeError,
+                     r"^bits must be an integer, got float$", id="unpack-float"),
+        pytest.param(lambda w: pack_codes(np.ones((2, 3)), bits="3"), TypeError,
+                     r"^bits must be an integer, got str$", id="pack-str"),
+        pytest.param(lambda w: pack_codes(np.ones((2, 3)), bits=3.5), TypeError,
+                     r"^bits must be an integer, got float$", id="pack-float"),
+        pytest.param(lambda w: to_faiss_bytes(w, None), TypeError,
+                     r"^bits must be an integer, got NoneType$", id="to_faiss-none"),
+        pytest.param(lambda w: from_faiss_bytes(np.zeros((1, 1), np.uint8), None), TypeError,
+                     r"^bits must be an integer, got NoneType$", id="from_faiss-none"),
+        pytest.param(lambda w: num_words("a"), TypeError,
+                     r"^bits must be an integer, got str$", id="num_words-str"),
+        pytest.param(lambda w: __import__("fasthash").HammingIndex(2**21), ValueError,
+                     r"^bits must satisfy 1 <= bits <= 1048576, got 2097152$", id="index-big"),
+    ],
+)
+def test_bad_bits_are_named(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call(np.zeros((2, 1), np.uint64))
+
+
+def test_unpack_zero_rows_gives_an_empty_result():
+    for length in (3, 64, 100):
+        w = np.zeros((0, num_words(length)), np.uint64)
+        out = unpack_codes(w, length)
+        assert out.shape == (0, length) and out.dtype == np.float32
+        t = unpack_codes(torch.from_numpy(w.view(np.int64)), length)
+        assert t.shape == (0, length) and t.dtype == torch.float32
+        assert pack_codes(out).shape == (0, num_words(length))  # and back
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        pytest.param(lambda: pack_codes(torch.ones(2, 3, device="meta")),
+                     r"^codes must be on the CPU or a CUDA device, got meta$", id="pack"),
+        pytest.param(lambda: unpack_codes(torch.zeros(2, 1, dtype=torch.int64, device="meta"), 3),
+                     r"^words must be on the CPU or a CUDA device, got meta$", id="unpack"),
+        pytest.param(lambda: as_words(torch.zeros(2, 1, dtype=torch.int64, device="meta"), "m",
+                                      to="torch"),
+                     r"^m must be on the CPU or a CUDA device, got meta$", id="as_words"),
+    ],
+)
+def test_meta_tensors_are_refused_by_name(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()

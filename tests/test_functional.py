@@ -411,3 +411,68 @@ def test_masked_hamming_distance_fallback_warns_once(monkeypatch):
         for m in masks:
             got = fasthash.hamming_distance(q, x, m)
             assert torch.equal(got.long(), ref.hamming_distance_ref(q, x, m))
+
+
+# --------------------------------------------------------------------------- argument kinds
+
+
+def _meta(*shape, dtype=torch.float32):
+    return torch.ones(*shape, dtype=dtype, device="meta")
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        pytest.param(lambda s: fasthash.masked_hamming_similarity(_meta(2, 10), s), "x",
+                     id="sim-x"),
+        pytest.param(lambda s: fasthash.masked_hamming_similarity(s, _meta(2, 10)), "y",
+                     id="sim-y"),
+        pytest.param(lambda s: fasthash.masked_hamming_similarity(s, s, _meta(6, 10)), "mask_x",
+                     id="sim-mask"),
+        pytest.param(lambda s: fasthash.nt_xent_loss(_meta(6, 10), s), "z1", id="nt-xent"),
+        pytest.param(lambda s: fasthash.brcd_contrastive_loss(_meta(6, 10), s, s), "student",
+                     id="brcd-student"),
+        pytest.param(lambda s: fasthash.brcd_contrastive_loss(
+            s, s, s, mask_table=_meta(1, 10)), "mask_table", id="brcd-table"),
+        pytest.param(lambda s: fasthash.brcd_contrastive_loss(
+            s, s, s, mask_table=torch.ones(2, 10),
+            cluster_ids=_meta(6, dtype=torch.int64)), "cluster_ids", id="brcd-ids"),
+        pytest.param(lambda s: fasthash.hamming_distance(_meta(2, 1, dtype=torch.int64),
+                                                         _meta(3, 1, dtype=torch.int64)),
+                     "x_words", id="distance"),
+    ],
+)
+def test_meta_tensors_are_refused_by_name(call, match):
+    s = torch.ones(6, 10)
+    want = f"^{match} must be on the CPU or a CUDA device, got meta$"
+    with pytest.raises(ValueError, match=want):
+        call(s)
+
+
+def test_hamming_distance_mask_of_the_wrong_kind_names_mask():
+    q = np.zeros((2, 1), np.uint64)
+    for mask in ([1], (1,), [np.ones(1, np.uint64)]):
+        with pytest.raises(TypeError, match=r"^mask must be a numpy array or torch tensor, got "):
+            fasthash.hamming_distance(q, q, mask=mask)
+        with pytest.raises(TypeError, match=r"^mask must be a numpy array or torch tensor, got "):
+            fasthash.hamming_distance(torch.from_numpy(q.view(np.int64)), q.view(np.int64),
+                                      mask=mask)
+
+
+def test_numpy_scalars_for_temperature_and_alpha():
+    g = _gen(3)
+    s, t, t2, table, c, ca = _brcd_inputs(6, 10, g)
+    kw = dict(mask_table=table, cluster_ids=c, aug_cluster_ids=ca)
+    want = fasthash.brcd_contrastive_loss(s, t, t2, alpha=0.5, temperature=0.25, **kw)
+    for a, tau in ((np.float32(0.5), np.float32(0.25)), (np.float64(0.5), np.float16(0.25)),
+                   (0.5, np.float32(0.25))):
+        got = fasthash.brcd_contrastive_loss(s, t, t2, alpha=a, temperature=tau, **kw)
+        assert torch.equal(got, want)
+    assert torch.equal(fasthash.nt_xent_loss(s, t, np.float32(0.25)),
+                       fasthash.nt_xent_loss(s, t, 0.25))
+    for bad in (np.bool_(True), True, np.float32("nan"), np.float64("inf"), np.float32(0)):
+        with pytest.raises(ValueError, match="^temperature must be a finite number > 0"):
+            fasthash.nt_xent_loss(s, t, bad)
+    for bad in (np.bool_(False), np.float32("nan"), np.float32(1.5)):
+        with pytest.raises(ValueError, match=r"^alpha must be a number in \[0, 1\]"):
+            fasthash.brcd_contrastive_loss(s, t, t2, alpha=bad)

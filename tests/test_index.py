@@ -144,3 +144,19 @@ def test_faiss_roundtrip(codes):
     back = HammingIndex.from_faiss(f)
     assert back.bits == 104 and len(back) == 2000
     np.testing.assert_array_equal(back.words_array(), idx.words_array())
+
+
+@pytest.mark.parametrize("mmap", [True, False])
+def test_pickle_and_copy_keep_the_codes(tmp_path, codes, mmap):
+    import copy
+    import pickle
+
+    idx = HammingIndex(100)
+    idx.add(codes[:50])
+    idx.save(tmp_path / "p")
+    src = HammingIndex.load(tmp_path / "p", mmap=mmap)
+    for back in (pickle.loads(pickle.dumps(src)), copy.deepcopy(src)):
+        assert back.bits == 100 and len(back) == 50 and "ram" in repr(back)
+        np.testing.assert_array_equal(back.words_array(), idx.words_array())
+        back.add(codes[50:60])  # an independent index with its own lock
+        assert len(back) == 60 and len(src) == 50

@@ -351,3 +351,13 @@ def test_loss_refs_reject_bad_codes():
         R.masked_similarity_ref(good, good, None, torch.ones(3, 9))
     with pytest.raises(ValueError, match="p1 must hold probabilities"):
         R.bernoulli_kl_ref(good * 2, good * 0.5)
+
+
+def test_references_take_numpy_scalars_and_refuse_meta_tensors():
+    rng = np.random.default_rng(9)
+    z1, z2 = _pm(rng, 4, 7), _pm(rng, 4, 7)
+    assert torch.equal(R.nt_xent_ref(z1, z2, np.float32(0.5)), R.nt_xent_ref(z1, z2, 0.5))
+    with pytest.raises(ValueError, match="^z1 must be on the CPU or a CUDA device, got meta$"):
+        R.nt_xent_ref(z1.to("meta"), z2)
+    with pytest.raises(ValueError, match="^temperature must be a finite number > 0"):
+        R.nt_xent_ref(z1, z2, np.float32("inf"))

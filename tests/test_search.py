@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -394,3 +395,106 @@ def test_hamming_distances_bad_input(args, exc, word):
     x = np.arange(10, dtype=np.uint64).reshape(5, 2)
     with pytest.raises(exc, match=f"^fasthash._C.hamming_distances: .*{word}"):
         C.hamming_distances(*args(q, x))
+
+
+# ----------------------------------------------------------------------------- argument messages
+
+META = torch.zeros(3, 1, dtype=torch.int64, device="meta")
+
+
+def _index():
+    idx = fasthash.HammingIndex(3)
+    idx.add(np.ones((4, 3), np.float32))
+    return idx
+
+
+@pytest.mark.parametrize(
+    "call, exc, match",
+    [
+        pytest.param(lambda q, x: fasthash.hamming_radius(q, x, 2**63), ValueError,
+                     r"^r must satisfy 0 <= r <= 9223372036854775807, got 9223372036854775808$",
+                     id="r-2^63"),
+        pytest.param(lambda q, x: _index().range_search(np.ones((1, 3), np.float32), 2**64),
+                     ValueError, r"^r must satisfy 0 <= r <= 9223372036854775807", id="index-r"),
+        pytest.param(lambda q, x: fasthash.hamming_topk(q, x, 1, num_threads=2**31), ValueError,
+                     r"^num_threads must satisfy 1 <= num_threads <= 1024, got 2147483648$",
+                     id="threads-2^31"),
+        pytest.param(lambda q, x: fasthash.hamming_radius(q, x, 1, num_threads=10**6),
+                     ValueError, r"^num_threads must satisfy 1 <= num_threads <= 1024",
+                     id="threads-10^6"),
+        pytest.param(lambda q, x: fasthash.hamming_topk(q, x, 1, num_threads=1025), ValueError,
+                     r"^num_threads must satisfy 1 <= num_threads <= 1024, got 1025$",
+                     id="threads-1025"),
+        pytest.param(lambda q, x: _index().search(np.ones((1, 3), np.float32), 1,
+                                                  num_threads=2**31),
+                     ValueError, r"^num_threads must satisfy 1 <= num_threads <= 1024",
+                     id="index-threads"),
+        pytest.param(lambda q, x: fasthash.hamming_topk(q, x, 1, simd=5), TypeError,
+                     r"^simd must be None or a level name \('scalar', 'avx2' or 'avx512'\), "
+                     r"got int$", id="simd-int"),
+        pytest.param(lambda q, x: fasthash.hamming_radius(q, x, 1, simd=b"avx2"), TypeError,
+                     r"^simd must be None or a level name .*got bytes$", id="simd-bytes"),
+        pytest.param(lambda q, x: fasthash.hamming_topk(META, META, 1), ValueError,
+                     r"^queries must be on the CPU or a CUDA device, got meta$", id="meta-topk"),
+        pytest.param(lambda q, x: fasthash.hamming_radius(q, x, 1, META[0]), ValueError,
+                     r"^mask must be on the CPU or a CUDA device, got meta$", id="meta-mask"),
+        pytest.param(lambda q, x: _index().search(META, 1), ValueError,
+                     r"^queries must be on the CPU or a CUDA device, got meta$",
+                     id="meta-index-queries"),
+        pytest.param(lambda q, x: _index().add(torch.ones(2, 3, device="meta")), ValueError,
+                     r"^codes must be on the CPU or a CUDA device, got meta$", id="meta-add"),
+        pytest.param(lambda q, x: _index().search(np.full((1, 3), 0.5, np.float32), 1),
+                     ValueError, r"^queries \(floating point\) must hold only -1 and \+1",
+                     id="index-float-queries"),
+        pytest.param(lambda q, x: _index().range_search(np.full((1, 3), 2), 1), ValueError,
+                     r"^queries \(integer\) must hold only 0 and 1", id="index-int-queries"),
+    ],
+)
+def test_messages_name_the_argument_and_the_expected_value(call, exc, match):
+    q = np.arange(3, dtype=np.uint64).reshape(3, 1)
+    x = np.arange(10, dtype=np.uint64).reshape(10, 1)
+    with pytest.raises(exc, match=match):
+        call(q, x)
+
+
+def test_compiled_core_bounds_num_threads_like_python():
+    from fasthash import _checks
+
+    assert C.MAX_THREADS == _checks.MAX_THREADS == 1024
+    q = np.arange(3, dtype=np.uint64).reshape(3, 1)
+    for call in (lambda: C.topk(q, q, 1, None, 1025), lambda: C.radius(q, q, 1, None, 1025),
+                 lambda: C.hamming_distances(q, q, None, 1025)):
+        with pytest.raises(ValueError, match=r"num_threads must satisfy 0 <= num_threads <= 1024"):
+            call()
+
+
+def test_thread_creation_failure_names_num_threads():
+    """Worker threads that cannot be created (address space limited to 64 MiB above what the
+    process uses) give a RuntimeError naming num_threads, in a subprocess."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("needs /proc and RLIMIT_AS")
+    code = """
+        import resource
+        import numpy as np
+        import fasthash
+        q = np.random.default_rng(0).integers(0, 2**63, (4096, 1), dtype=np.uint64)
+        x = np.random.default_rng(1).integers(0, 2**63, (100_000, 1), dtype=np.uint64)
+        fasthash.hamming_topk(q[:1], x, 1, num_threads=1)
+        with open("/proc/self/status") as f:
+            vm = next(int(line.split()[1]) for line in f if line.startswith("VmSize")) * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (vm + (64 << 20), resource.RLIM_INFINITY))
+        try:
+            fasthash.hamming_topk(q, x, 5, num_threads=200)
+        except RuntimeError as e:
+            print("ERROR", e)
+        else:
+            print("no error: threads were created")
+    """
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                         text=True, timeout=120, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert out.returncode == 0, out.stderr[-2000:]
+    line = out.stdout.strip().splitlines()[-1]
+    if line.startswith("no error"):
+        pytest.skip("this system created 200 threads within the limit")
+    assert line.startswith("ERROR num_threads: could not start worker thread "), line
+    assert "pass a smaller num_threads" in line

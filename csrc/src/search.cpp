@@ -18,8 +18,9 @@
 #include <memory>
 #include <mutex>
 #include <stdexcept>
-#include <thread>
 #include <string>
+#include <system_error>
+#include <thread>
 #include <vector>
 
 #include "fasthash/simd_table.h"
@@ -87,7 +88,7 @@ int64_t Selector::finish() {
 
 int hardware_threads() {
   unsigned n = std::thread::hardware_concurrency();
-  return n == 0 ? 1 : static_cast<int>(n);
+  return n == 0 ? 1 : static_cast<int>(std::min<unsigned>(n, kMaxThreads));
 }
 
 // ---------------------------------------------------------------- thread pool
@@ -138,12 +139,21 @@ class Pool {
   }
 
  private:
+  // Starts workers until there are n. A thread the system cannot create (out of threads or
+  // memory) is an error naming num_threads; the workers started so far stay in the pool.
   void ensure_workers(int n) {
     while (static_cast<int>(workers_.size()) < n) {
       int id = static_cast<int>(workers_.size()) + 1;
       // the generation is read here, before run() publishes the job, so the worker cannot miss it
       const uint64_t start = gen_.load(std::memory_order_acquire);
-      workers_.emplace_back([this, id, start] { loop(id, start); });
+      try {
+        workers_.emplace_back([this, id, start] { loop(id, start); });
+      } catch (const std::system_error& e) {
+        throw std::runtime_error(
+            "num_threads: could not start worker thread " + std::to_string(id + 1) + " of " +
+            std::to_string(n + 1) + " (" + e.what() +
+            "); the system is out of threads or memory: pass a smaller num_threads");
+      }
       workers_.back().detach();
     }
   }
@@ -227,7 +237,7 @@ struct Plan {
 Plan make_plan(const SearchInput& in, int64_t k) {
   Plan p;
   int t = in.num_threads > 0 ? in.num_threads : hardware_threads();
-  p.threads = std::max(1, t);
+  p.threads = std::max(1, std::min(t, kMaxThreads));
   // gallery ranges of >= 32k codes, and >= 200 k codes so that a range's top-k scan (whose
   // cost grows like k ln(range / k)) stays cheap and can use the sampled limit
   const int64_t maxs = std::max<int64_t>(1, in.nx / std::max<int64_t>(32768, 200 * k));

@@ -9,6 +9,10 @@
 
 namespace fasthash {
 
+// Most worker threads of one call (num_threads). The pool keeps its threads for the life of the
+// process, so the count is bounded; fasthash/_checks.py MAX_THREADS is the same number.
+constexpr int kMaxThreads = 1024;
+
 struct SearchInput {
   const uint64_t* q = nullptr;
   int64_t nq = 0;
@@ -17,7 +21,7 @@ struct SearchInput {
   int64_t W = 0;
   const uint64_t* mask = nullptr;  // nullptr, one row [W] (mask_rows = 1) or [nq, W]
   int64_t mask_rows = 0;
-  int num_threads = 0;  // <= 0: all hardware threads
+  int num_threads = 0;  // <= 0: all hardware threads; at most kMaxThreads
   Simd simd = Simd::Scalar;
 };
 
@@ -39,6 +43,7 @@ Simd best_simd();
 const char* simd_name(Simd s);
 bool parse_simd(const std::string& name, Simd* out);
 
+// Threads used when num_threads is 0: the hardware threads, at most kMaxThreads.
 int hardware_threads();
 
 }  // namespace fasthash
