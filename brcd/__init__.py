@@ -26,7 +26,11 @@ call; a :class:`brcd.config.Config` drives them all):
   (``train_teacher(TeacherInput, Context) -> TeacherResult``, ``build_masks``, ``distill``,
   ``evaluate``, ``encode``, ``run_students``); ``brcd.report.write_report(out, metrics)``
 
-CLI: ``python -m brcd {train-teacher, build-masks, distill, evaluate, encode, demo} --help``.
+Files: checkpoints, the view cache and the demo's eval views are written and verified by
+:mod:`brcd.files` (plain data, SHA-256 trailer, atomic rename, ``weights_only=True`` loads).
+
+CLI: ``python -m brcd {train-teacher, build-masks, distill, evaluate, encode, demo} --help``;
+a user error is one ``error: ...`` line and exit status 2 (``--debug``: the traceback).
 """
 
 __version__ = "0.1.0"

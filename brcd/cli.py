@@ -2,6 +2,8 @@
 
 Every subcommand takes ``--config`` (a preset name or YAML file), a few common flags and
 ``--set dotted.key=value`` overrides (values parsed as YAML), then calls :mod:`brcd.task`.
+A user error (bad option, config, path or file) is one ``error: ...`` line on stderr and exit
+status 2 (:mod:`brcd.errors`); ``--debug`` shows its traceback instead.
 """
 
 from __future__ import annotations
@@ -12,10 +14,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import yaml
 
-from .config import Config, list_presets, load_config
+from .config import Config, list_presets, load_config, parse_yaml
 from .data import DATASETS
+from .errors import Parser, guarded
+from .files import check_output, write_atomic
 from .losses import METHODS
 from .masks import CONVENTIONS
 
@@ -39,6 +42,8 @@ def _common(p: argparse.ArgumentParser) -> None:
         f"{d.name} ({d.help})" for d in DATASETS.values()))
     g.add_argument("--data-root", help="dataset folder")
     g.add_argument("--quiet", action="store_true", help="no progress bars / logs")
+    g.add_argument("--debug", action="store_true",
+                   help="show the traceback of an error instead of one 'error:' line")
 
 
 def _stage_flags(p: argparse.ArgumentParser, stage: str) -> None:
@@ -57,7 +62,7 @@ def _stage_flags(p: argparse.ArgumentParser, stage: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of ``python -m brcd``."""
-    ap = argparse.ArgumentParser(prog="python -m brcd", description=__doc__.splitlines()[0])
+    ap = Parser(prog="python -m brcd", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train-teacher", help="train the teacher hashing model (no labels)")
@@ -116,7 +121,7 @@ def _overrides(args: argparse.Namespace, stage: str | None) -> dict:
         if "=" not in item:
             raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
         k, v = item.split("=", 1)
-        o[k.strip()] = yaml.safe_load(v)
+        o[k.strip()] = parse_yaml(v, f"--set {item!r}")
     for flag, key in (("bits", "bits"), ("out_dir", "out_dir"), ("device", "device"),
                       ("seed", "seed"), ("threads", "threads"), ("dataset", "data.name"),
                       ("data_root", "data.root")):
@@ -157,25 +162,41 @@ def _encode(cfg: Config, args: argparse.Namespace, progress: bool) -> None:
     from . import data as D
     from . import task
 
+    out = Path(args.output)
+    targets = [_npy_name(p) for p in (out, out.with_suffix(".words.npy"),
+                                      out.with_suffix(".labels.npy"))]
+    for t in targets:  # before any work: a bad --output fails at once
+        check_output(t, "--output")
+    task.resolve_device(cfg.device)
     images = getattr(D.make_splits(cfg.data, cfg.seed), args.split)
     codes = task.encode(args.checkpoint, images, cfg.data.view_size, cfg.device,
                         bits=cfg.bits).numpy()
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    np.save(out, codes.astype(np.int8))
-    np.save(out.with_suffix(".words.npy"), pack_codes(codes))
-    np.save(out.with_suffix(".labels.npy"), images.labels)
+    for t, arr in zip(targets, (codes.astype(np.int8), pack_codes(codes), images.labels),
+                      strict=True):
+        write_atomic(t, lambda tmp, a=arr: _save_npy(tmp, a))
     print(f"{out}: {codes.shape[0]} codes of {codes.shape[1]} bits ({args.split})")
+
+
+def _npy_name(path: Path) -> Path:
+    """Where ``np.save(path)`` writes: ``path``, with ``.npy`` appended unless it ends so."""
+    return path if path.suffix == ".npy" else path.with_name(path.name + ".npy")
+
+
+def _save_npy(path: Path, arr: np.ndarray) -> None:
+    with open(path, "wb") as fh:
+        np.save(fh, arr)
 
 
 def _evaluate(cfg: Config, args: argparse.Namespace, progress: bool) -> None:
     from . import task
 
+    if args.json_out:
+        check_output(args.json_out, "--json")
     res = task.evaluate(cfg, student=args.student, teacher=args.teacher, progress=progress,
                         with_teacher=not args.sshp_only)
     print(json.dumps(res))
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps(res, indent=2))
+        write_atomic(args.json_out, lambda tmp: tmp.write_text(json.dumps(res, indent=2)))
 
 
 def _stage(name: str, **flags: str):
@@ -200,7 +221,8 @@ _COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; returns the exit status (2 on a configuration/input error)."""
+    """Run the CLI; returns the exit status: 0, or 2 on a user error (one ``error:`` line on
+    stderr; ``--debug`` raises it instead, see :mod:`brcd.errors`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "demo":
         from . import demo
@@ -208,9 +230,5 @@ def main(argv: list[str] | None = None) -> int:
         return demo.main(argv[1:])
     args = build_parser().parse_args(argv)
     stage, handler = _COMMANDS[args.cmd]
-    try:
-        handler(load_config(args.config, _overrides(args, stage)), args, not args.quiet)
-    except (ValueError, TypeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return guarded(lambda: handler(load_config(args.config, _overrides(args, stage)), args,
+                                   not args.quiet), args.debug)

@@ -31,6 +31,7 @@ __all__ = [
     "config_to_dict",
     "config_from_dict",
     "override",
+    "parse_yaml",
 ]
 
 # Presets ship as package data next to this module.
@@ -163,6 +164,13 @@ class Config:
 
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or self.bits <= 0:
             raise ValueError(f"bits must be a positive integer, got {self.bits!r}")
+        if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 0:
+            raise ValueError(f"threads must be an integer >= 0 (0 = torch's default), got "
+                             f"{self.threads!r}")
+        if not isinstance(self.device, str):
+            raise ValueError(f"device must be a string (auto | cpu | cuda | cuda:N), got "
+                             f"{self.device!r}")
+        _check_plain_values(config_to_dict(self), "")
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
         if not 0.0 <= self.distill.alpha <= 1.0:
@@ -194,6 +202,22 @@ class Config:
             _choice(f"{stage}.train.autocast", s.train.autocast, AUTOCAST_MODES)
             _choice(f"{stage}.model.head", s.model.head, HEADS)
         return self
+
+
+def _check_plain_values(node: Any, where: str) -> None:
+    """Every value must be YAML-plain (checkpoints store the config as plain data)."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if type(k) is not str:
+                raise ValueError(f"config key {where}{k!r}: keys must be strings, got "
+                                 f"{type(k).__name__}")
+            _check_plain_values(v, f"{where}{k}.")
+    elif isinstance(node, (list, tuple)):
+        for v in node:
+            _check_plain_values(v, where)
+    elif type(node) not in (str, int, float, bool, type(None)):
+        raise ValueError(f"config key {where[:-1]!r} must be a string, number, boolean, list or "
+                         f"null, got {type(node).__name__} {node!r}")
 
 
 def _choice(key: str, value: Any, valid) -> None:
@@ -271,8 +295,19 @@ def load_config(
                 )
         else:
             text = path.read_text()
-        data = yaml.safe_load(text) or {}
+        data = parse_yaml(text, f"config {src!r}") or {}
     return config_from_dict(_apply_dotted(data, overrides or {}))
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """``yaml.safe_load`` with a one-line ``ValueError`` naming ``where`` for invalid YAML."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ValueError(f"{where}: invalid YAML{at}: {problem}") from err
 
 
 def _apply_dotted(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

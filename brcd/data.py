@@ -68,8 +68,11 @@ class ImageSet:
         else:
             from PIL import Image
 
-            with Image.open(self.paths[i]) as im:
-                arr = np.asarray(im.convert("RGB"))
+            try:
+                with Image.open(self.paths[i]) as im:
+                    arr = np.asarray(im.convert("RGB"))
+            except (OSError, ValueError) as err:  # changed or removed since the folder scan
+                raise OSError(f"cannot read image {str(self.paths[i])!r}: {err}") from err
             img = torch.from_numpy(arr.copy()).permute(2, 0, 1)
         return img.expand(3, -1, -1) if img.shape[0] == 1 else img
 
@@ -248,9 +251,12 @@ def _imagefolder(root: Path) -> tuple[ImageSet, None]:
         for f in sorted((root / cname).rglob("*")):
             if not f.is_file() or f.suffix.lower() not in IMAGE_SUFFIXES:
                 continue
-            try:
+            try:  # verify() checks the container (e.g. PNG CRCs); load() decodes every pixel,
+                # which catches truncated PNG / JPEG data that verify() lets through
                 with Image.open(f) as im:
                     im.verify()
+                with Image.open(f) as im:
+                    im.load()
             except Exception:  # noqa: BLE001 - any decoder failure means "unreadable"
                 skipped += 1
                 continue

@@ -40,6 +40,8 @@ from . import stages as S
 from . import task
 from .config import config_to_dict, load_config, override
 from .data import DATASETS, eval_views
+from .errors import Parser, guarded
+from .files import save_file
 from .losses import METHODS as _REGISTRY
 from .report import write_report
 from .stages.evaluate import score_runs
@@ -105,6 +107,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="only re-render <out>/report.md from <out>/metrics.json")
     parser.add_argument("--speed-batches", default="1,32,256",
                         help="batch sizes of the encode-speed table (default 1,32,256)")
+    parser.add_argument("--debug", action="store_true", help="tracebacks instead of error lines")
 
 
 def _defaults(args: argparse.Namespace) -> argparse.Namespace:
@@ -243,7 +246,7 @@ def run(args: argparse.Namespace) -> dict:
         vs = base.data.view_size
         ev = {s: torch.cat(list(eval_views(getattr(splits, s), vs, 512)))
               for s in ("query", "database")}
-        torch.save(ev, work / "eval_views.pt")
+        save_file(ev, work / "eval_views.pt")
         t_codes = S.shared_backbone_codes(teachers, ev, autocast="bf16" if bf16 else "none")
     jobs = _jobs(args, base, teachers, work / "eval_views.pt", work, bf16)
     with log.phase(f"students ({len(jobs)} runs, {args.workers} worker(s))"):
@@ -277,23 +280,19 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m brcd demo``; returns the exit status."""
-    parser = argparse.ArgumentParser(prog="python -m brcd demo",
-                                     description=__doc__.splitlines()[0])
+    """Entry point of ``python -m brcd demo``; returns the exit status (2: a user error, one
+    ``error:`` line; ``--debug`` shows its traceback)."""
+    parser = Parser(prog="python -m brcd demo", description=__doc__.splitlines()[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
-    try:
-        if args.report_only:
-            path = Path(args.out) / "metrics.json"
-            if not path.is_file():
-                raise ValueError(f"--report-only needs {path} from an earlier run")
-            print(f"wrote {write_report(args.out, json.loads(path.read_text()))}")
-        else:
-            run(args)
-    except (ValueError, TypeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return guarded(lambda: _report_only(args) if args.report_only else run(args), args.debug)
+
+
+def _report_only(args: argparse.Namespace) -> None:
+    path = Path(args.out) / "metrics.json"
+    if not path.is_file():
+        raise ValueError(f"--report-only needs {path} from an earlier run")
+    print(f"wrote {write_report(args.out, json.loads(path.read_text()))}")
 
 
 if __name__ == "__main__":

@@ -63,10 +63,25 @@ class ClusterMasks:
         return int(self.centroids.shape[1])
 
     def to_dict(self) -> dict:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+        """Plain data for a checkpoint: tensors, a float, a str and ``{int: float}``."""
+        return {"centroids": self.centroids, "mask_table": self.mask_table,
+                "train_cluster_ids": self.train_cluster_ids, "train_indices": self.train_indices,
+                "delta": float(self.delta), "convention": str(self.convention),
+                "silhouette": {int(c): float(v) for c, v in self.silhouette.items()}}
 
     @classmethod
     def from_dict(cls, d: dict) -> ClusterMasks:
+        """Inverse of :meth:`to_dict`; a ``ValueError`` when ``d`` is not such a dict."""
+        names = [f for f in cls.__dataclass_fields__]
+        tensors = ("centroids", "mask_table", "train_cluster_ids", "train_indices")
+        if not isinstance(d, dict) or sorted(d) != sorted(names) or not all(
+                isinstance(d[k], torch.Tensor) for k in tensors):
+            raise ValueError(f"malformed masks in the checkpoint: expected {names}")
+        c, t, ids, idx = (d[k] for k in tensors)
+        if (c.ndim != 2 or t.shape != c.shape or ids.ndim != 1 or ids.shape != idx.shape
+                or (len(ids) and not 0 <= int(ids.min()) <= int(ids.max()) < c.shape[0])):
+            raise ValueError("malformed masks in the checkpoint: centroids / mask_table "
+                             "[C, L], cluster ids in [0, C) for every training image")
         return cls(**d)
 
     def report(self) -> str:

@@ -1,6 +1,8 @@
 """A small, generic training loop: Adam (+ optional cosine schedule), AMP on CUDA, gradient
 clipping, atomic checkpoints every epoch plus the best per paradigm on validation, exact resume,
-tqdm progress (loss, images/s) and a JSONL metrics log.
+tqdm progress (loss, images/s) and a JSONL metrics log. Checkpoints are plain data with a
+SHA-256 trailer (:mod:`brcd.files`): loading verifies it and uses ``weights_only=True``, and a
+checkpoint without one (an older brcd's) is refused.
 
 The loop knows nothing about hashing: the stages (:mod:`brcd.stages`) give it a step function
 (batch → loss, parts), a per-epoch batch iterator (seeded by epoch, so a resumed run sees the
@@ -11,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import time
 from collections.abc import Callable, Iterable
@@ -25,6 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import TrainConfig
+from .files import load_file, save_file
 
 __all__ = ["Trainer", "save_checkpoint", "load_checkpoint", "seed_everything"]
 
@@ -37,23 +39,33 @@ def seed_everything(seed: int) -> None:
 
 
 def save_checkpoint(obj: dict[str, Any], path: str | Path) -> Path:
-    """``torch.save`` to a temporary file in the same folder, then an atomic rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-    return path
+    """Write a checkpoint (plain data and tensors only) with its checksum, atomically
+    (:func:`brcd.files.save_file`)."""
+    return save_file(obj, path)
+
+
+_KEYS = ("kind", "bits", "spec", "model", "epoch")
+_SPEC = ("name", "bits", "head", "hidden", "freeze_backbone", "image_size")
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a brcd checkpoint on the CPU; a clear error when the file is missing."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"checkpoint {str(path)!r} does not exist")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(ckpt, dict) or "kind" not in ckpt:
-        raise ValueError(f"{str(path)!r} is not a brcd checkpoint")
+    """Load a brcd checkpoint on the CPU: checksum verified, ``weights_only=True``, and the
+    keys every checkpoint has present (:func:`brcd.files.load_file`).
+
+    Raises:
+        ValueError: naming the path, for a missing, damaged or foreign file.
+    """
+    ckpt = load_file(path, "checkpoint")
+    where = f"checkpoint {str(path)!r}"
+    if not isinstance(ckpt, dict) or ckpt.get("kind") not in ("teacher", "student"):
+        raise ValueError(f"{where} is not a brcd checkpoint")
+    spec = ckpt.get("spec")
+    bad = [k for k in _KEYS if k not in ckpt]
+    bad += [f"spec.{k}" for k in _SPEC if not isinstance(spec, dict) or k not in spec]
+    if not isinstance(ckpt.get("model"), dict):
+        bad.append("model")
+    if bad:
+        raise ValueError(f"{where} is incomplete or malformed (check {sorted(set(bad))})")
     return ckpt
 
 
@@ -103,7 +115,7 @@ class Trainer:
         return {
             **self.extra, "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
             "scheduler": self.sched.state_dict() if self.sched else None, "epoch": epoch,
-            "best": dict(self.best), "torch_rng": torch.get_rng_state(),
+            "best": {k: float(v) for k, v in self.best.items()}, "torch_rng": torch.get_rng_state(),
         }
 
     def resume(self, path: str | Path) -> None:
@@ -115,13 +127,23 @@ class Trainer:
         if ckpt.get("bits") != self.extra.get("bits"):
             raise ValueError(f"--resume {path}: checkpoint has {ckpt.get('bits')}-bit codes, "
                              f"this run uses bits={self.extra.get('bits')}")
-        self.model.load_state_dict(ckpt["model"])
-        self.opt.load_state_dict(ckpt["optimizer"])
-        if self.sched and ckpt.get("scheduler"):
-            self.sched.load_state_dict(ckpt["scheduler"])
-        torch.set_rng_state(ckpt["torch_rng"])
+        try:
+            self.model.load_state_dict(ckpt["model"])
+            self.opt.load_state_dict(ckpt["optimizer"])
+            if self.sched and ckpt.get("scheduler"):
+                self.sched.load_state_dict(ckpt["scheduler"])
+            torch.set_rng_state(ckpt["torch_rng"])
+        except (KeyError, RuntimeError, TypeError, ValueError) as err:
+            msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ValueError(f"--resume {path}: the checkpoint does not fit this run's model and "
+                             f"optimiser ({msg})") from err
         self.best = dict(ckpt.get("best", {}))
         self.start_epoch = int(ckpt["epoch"]) + 1
+        if self.start_epoch >= self.cfg.epochs and not self.path("last").is_file():
+            raise ValueError(
+                f"--resume {path}: the checkpoint already finished epoch {self.start_epoch} of "
+                f"train.epochs={self.cfg.epochs}; nothing is left to train into "
+                f"{str(self.out_dir)!r} (raise --epochs to train on)")
 
     # -- loop -----------------------------------------------------------------------------
     def fit(self) -> list[dict[str, Any]]:

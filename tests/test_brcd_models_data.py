@@ -185,3 +185,59 @@ def test_views_are_keyed_per_sample():
     assert views.shape == (6, 3, 3, 28, 28) and torch.equal(det, base)
     assert not torch.equal(views[:, 0], views[:, 1])
     assert float(F.mse_loss(views.float()[:, 0], base.float())) > 0
+
+
+def _truncated_png(im) -> bytes:
+    """A PNG whose compressed pixel stream stops half-way; its chunks (and CRCs) are intact."""
+    import io
+    import struct
+    import zlib
+
+    buf = io.BytesIO()
+    im.save(buf, "PNG")
+    data, pos, chunks = buf.getvalue(), 8, {}
+    while pos < len(data):
+        (n,) = struct.unpack(">I", data[pos:pos + 4])
+        kind = data[pos + 4:pos + 8]
+        chunks[kind] = chunks.get(kind, b"") + data[pos + 8:pos + 8 + n]
+        pos += 12 + n
+
+    def chunk(kind, payload):
+        return (struct.pack(">I", len(payload)) + kind + payload
+                + struct.pack(">I", zlib.crc32(kind + payload)))
+    idat = chunks[b"IDAT"]
+    return (data[:8] + chunk(b"IHDR", chunks[b"IHDR"]) + chunk(b"IDAT", idat[:len(idat) // 2])
+            + chunk(b"IEND", b""))
+
+
+def test_imagefolder_skips_truncated_png_and_jpeg(tmp_path):
+    # Image.verify() passes both files (it checks the container, not the pixel data); only a
+    # full decode finds the missing data
+    import io
+
+    from PIL import Image
+
+    root = tmp_path / "tree"
+    rng = np.random.default_rng(0)
+    for cname in ("a", "b"):
+        (root / cname).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(
+                root / cname / f"{i}.png")
+    noisy = Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    (root / "b" / "cut.png").write_bytes(_truncated_png(noisy))
+    buf = io.BytesIO()
+    noisy.save(buf, "JPEG")
+    (root / "b" / "cut.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    for name in ("cut.png", "cut.jpg"):
+        with Image.open(root / "b" / name) as im:
+            im.verify()  # what the scan used to rely on
+    with pytest.warns(UserWarning, match="skipped 2 unreadable"):
+        pool, _ = D.load_pool("imagefolder", root)
+    assert len(pool) == 6 and pool.skipped == 2
+    assert not {p.name for p in pool.paths} & {"cut.png", "cut.jpg"}
+    assert D.base_images(pool, 16).shape == (6, 3, 16, 16)  # every kept image decodes
+    # a file that breaks after the scan fails with a clear error naming it
+    pool.paths[0].write_bytes(b"gone")
+    with pytest.raises(OSError, match="cannot read image .*0.png"):
+        pool.get(0)

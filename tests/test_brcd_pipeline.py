@@ -12,6 +12,7 @@ from brcd import augment as A
 from brcd import cli, stages, task
 from brcd import data as D
 from brcd.config import load_config
+from brcd.files import load_file
 from brcd.losses import brcd_distill_loss, cibhash_loss
 from brcd.masks import ClusterMasks, assign_clusters
 from brcd.stages import views as V
@@ -229,7 +230,7 @@ def test_cached_views_student_sees_the_views_the_teacher_coded(tmp_path):
     finally:
         V.index_batches = orig
     assert cache_file.stat().st_mtime_ns == stamp  # the features were extracted only once
-    cache = torch.load(cache_file, weights_only=True)
+    cache = load_file(cache_file, "view cache")
     idx, v1, v2 = seen[0]
     assert torch.all(v1 != v2) and cache["views"].shape[1] == 3
     # the teacher codes used in training (head on cached features) are the teacher's codes of

@@ -266,3 +266,34 @@ def test_block_distances_match_reference():
     q = rng.integers(0, 2**63, (7, 2), dtype=np.uint64)
     x = rng.integers(0, 2**63, (300, 2), dtype=np.uint64)
     np.testing.assert_array_equal(block_distances(q, x), hamming_distance_ref(q, x).numpy())
+
+
+def test_codes_longer_than_65535_bits_rank_by_their_full_distance():
+    # distances above 65,535 must not wrap around (a uint16 sort key made 65,536 rank as 0)
+    from brcd.retrieval.index import stable_order
+
+    bits = 65_536 + 64
+    q = np.ones((1, bits))
+    db = np.ones((3, bits))
+    db[0, :65_536] = -1  # distance 65,536
+    db[1, :1] = -1  # distance 1
+    db[2, :2] = -1  # distance 2
+    r = evaluate(q, db, np.array([0]), np.array([1, 0, 0]), topk=2, pk=(1, 2, 3), map_all=True)
+    assert r.map_at_k == 1.0 and r.precision_at[1] == 1.0 and r.map_all == 1.0
+    assert stable_order(np.array([[65_536, 1, 1]]), bits=bits).tolist() == [[1, 2, 0]]
+    assert stable_order(np.array([[65_536, 1, 1]])).tolist() == [[1, 2, 0]]
+    assert stable_order(np.array([[5, 1, 1]]), bits=16).tolist() == [[1, 2, 0]]
+
+
+@pytest.mark.parametrize("which", ["query_codes", "db_codes"])
+def test_packed_words_with_bits_beyond_L_are_refused(which):
+    q = as_packed(codes_from_ints([3, 5], 13))[0]
+    db = as_packed(codes_from_ints([1, 2, 3, 7], 13))[0]
+    bad = (q if which == "query_codes" else db).copy()
+    bad[0, 0] |= np.uint64(1) << np.uint64(20)  # a bit beyond L = 13
+    args = (bad, db) if which == "query_codes" else (q, bad)
+    with pytest.raises(ValueError, match=f"{which} has bits set beyond bits=13"):
+        evaluate(*args, np.array([0, 1]), np.array([0, 1, 0, 1]), topk=2, bits=13)
+    assert evaluate(q, db, np.array([0, 1]), np.array([0, 1, 0, 1]), topk=2, bits=13).bits == 13
+    with pytest.raises(ValueError, match="bits set beyond bits=13"):
+        isd(bad, bad, bits=13)

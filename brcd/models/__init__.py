@@ -146,7 +146,13 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> str:
             f"weights file {str(path)!r} does not exist; pass an existing local file with "
             f"weights=PATH (YAML <stage>.model.weights, CLI --teacher-weights / --student-weights)"
         )
-    sd = _extract_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    try:  # a third-party file: no brcd checksum, but never code (weights_only=True)
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any failure to parse means "not a weights file"
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"weights file {str(path)!r} cannot be loaded with weights_only=True "
+                         f"(damaged, or more than tensors and plain data): {first}") from err
+    sd = _extract_state_dict(raw)
     target = backbone.state_dict()
     if set(sd) == set(target) and all(sd[k].shape == target[k].shape for k in sd):
         backbone.load_state_dict(sd)

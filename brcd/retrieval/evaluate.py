@@ -122,7 +122,7 @@ def evaluate(
     for lo, hi in iter_query_blocks(nq, n, block_entries):
         dist = block_distances(qw[lo:hi], dw)
         rel = M.relevance(ql[lo:hi], dl)
-        order = stable_order(dist)[:, :depth]
+        order = stable_order(dist, lq)[:, :depth]
         rs = np.take_along_axis(rel, order, axis=1)
         ap_k[lo:hi] = M.average_precision(rs, k)
         ap_all[lo:hi] = M.average_precision(rs, None) if map_all else np.nan

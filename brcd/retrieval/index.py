@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fasthash.codes import as_words, num_words, pack_codes
+from fasthash.codes import as_words, pack_codes
 
 __all__ = ["as_packed", "block_distances", "topk", "stable_order", "iter_query_blocks", "engine"]
 
@@ -41,12 +41,8 @@ def as_packed(codes, bits: int | None = None, name: str = "codes") -> tuple[np.n
     if bits is not None:
         if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or bits < 1:
             raise ValueError(f"bits must be a positive integer, got {bits!r}")
-        words = as_words(codes, name)
-        if words.shape[1] != num_words(bits):
-            raise ValueError(
-                f"{name} must have ceil(bits / 64) = {num_words(bits)} words per row for "
-                f"bits={bits}, got {words.shape[1]}"
-            )
+        # rows of ceil(L / 64) words and no bit set beyond L (the padding must be 0)
+        words = as_words(codes, name, bits=int(bits))
         if not words.flags.c_contiguous:
             words = np.ascontiguousarray(words)
         return words, int(bits)
@@ -124,13 +120,24 @@ def topk(query_words: np.ndarray, db_words: np.ndarray, k: int) -> tuple[np.ndar
     return np.asarray(d, dtype=np.int32), np.asarray(i, dtype=np.int64)
 
 
-def stable_order(dist: np.ndarray) -> np.ndarray:
-    """Row-wise ranking by (distance, index): a stable argsort (radix sort on uint16 keys).
+def stable_order(dist: np.ndarray, bits: int | None = None) -> np.ndarray:
+    """Row-wise ranking by (distance, index): a stable argsort (a radix sort on uint16 keys when
+    every distance fits, i.e. L < 65536; uint32 keys otherwise).
+
+    Args:
+        dist: non-negative Hamming distances. bits: the code length L (the largest possible
+            distance); None: the largest distance in ``dist``.
 
     Shape:
         ``[b, N]`` -> ``[b, N]`` int64 column indices.
+
+    Example:
+        >>> stable_order(np.array([[70000, 3, 3]]), bits=70000).tolist()
+        [[1, 2, 0]]
     """
-    return np.argsort(dist.astype(np.uint16, copy=False), axis=1, kind="stable")
+    top = int(bits) if bits is not None else (int(dist.max()) if dist.size else 0)
+    keys = np.uint16 if top < 1 << 16 else np.uint32
+    return np.argsort(dist.astype(keys, copy=False), axis=1, kind="stable")
 
 
 def iter_query_blocks(num_queries: int, num_db: int, max_entries: int = 1 << 22):

@@ -11,6 +11,7 @@ import torch
 
 from ..config import Config, DataConfig, config_to_dict
 from ..data import Splits, make_splits
+from ..files import check_folder
 
 __all__ = ["Context", "OwnLoss", "make_context"]
 
@@ -74,7 +75,9 @@ def make_context(cfg: Config, progress: bool = True, splits: Splits | None = Non
     cfg.validate()
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    out = Path(cfg.out_dir)
+    out = check_folder(cfg.out_dir, "out_dir")
+    if cfg.cache_dir:
+        check_folder(cfg.cache_dir, "cache_dir")
     if splits is None:
         splits = make_splits(cfg.data, cfg.seed)
     return Context(splits=splits, data=cfg.data, seed=cfg.seed,

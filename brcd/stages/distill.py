@@ -214,5 +214,5 @@ def distill(inp: DistillInput, ctx: Context) -> DistillResult:
     written = {w: trainer.path(w) for w in ("best_ashp", "best_sshp", "last")
                if trainer.path(w).is_file()}
     if not written:
-        raise RuntimeError("distill produced no checkpoint (student.train.epochs = 0?)")
+        raise ValueError("distill produced no checkpoint (student.train.epochs = 0?)")
     return DistillResult(next(iter(written.values())), written, history, dict(trainer.best))

@@ -29,12 +29,25 @@ __all__ = [
 
 
 def resolve_device(name: str | torch.device) -> torch.device:
-    """``"auto"`` → CUDA when available, else CPU; any other name as ``torch.device``."""
+    """``"auto"`` → CUDA when available, else CPU; ``cpu``, ``cuda``, ``cuda:N`` or ``mps`` as
+    ``torch.device``, checked to exist (``ValueError`` naming the device otherwise)."""
     if isinstance(name, torch.device):
         return name
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps, got {name!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r}: CUDA is not available on this machine")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {name!r}: MPS is not available on this machine")
+    return dev
 
 
 def build_model(mc: ModelConfig, bits: int, autocast: str = "none") -> HashModel:
@@ -68,7 +81,12 @@ def load_model(ckpt: str | Path | dict, bits: int | None = None) -> tuple[HashMo
         raise ValueError(f"checkpoint has {spec['bits']}-bit codes but bits={bits} was requested")
     model = create_model(spec["name"], spec["bits"], freeze_backbone=spec["freeze_backbone"],
                          head=spec["head"], hidden=spec["hidden"])
-    model.load_state_dict(c["model"])
+    try:
+        model.load_state_dict(c["model"])
+    except RuntimeError as err:  # weights of another architecture (a foreign or edited file)
+        where = f"checkpoint {str(ckpt)!r}" if not isinstance(ckpt, dict) else "the checkpoint"
+        raise ValueError(f"{where}: its weights do not fit its spec {spec['name']!r} "
+                         f"({str(err).strip().splitlines()[0]})") from err
     return model.eval(), spec
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from ..config import config_from_dict
+from ..files import load_file
 from ..trainer import load_checkpoint
 from .context import make_context
 from .distill import DistillInput, distill
@@ -25,7 +26,8 @@ __all__ = ["StudentJob", "student_job", "run_students"]
 @dataclass(frozen=True, kw_only=True)
 class StudentJob:
     """One student run: its config (as a dict, so it pickles), the teacher checkpoint and the
-    ``{"query", "database"}`` uint8 deterministic views to encode (a ``torch.save`` file)."""
+    ``{"query", "database"}`` uint8 deterministic views to encode (a
+    :func:`brcd.files.save_file` file)."""
 
     bits: int
     method: str
@@ -56,7 +58,7 @@ def student_job(job: StudentJob, progress: bool = False) -> dict[str, Any]:
     t0 = time.perf_counter()
     distill(DistillInput.from_config(cfg, teacher=job.teacher), make_context(cfg, progress))
     train_s = time.perf_counter() - t0
-    ev = torch.load(job.eval_views, weights_only=True)
+    ev = load_file(job.eval_views, "eval views")
     res: dict[str, Any] = {"job": {"bits": job.bits, "method": job.method, "seed": job.seed},
                            "train_s": round(train_s, 1)}
     size = cfg.student.model.image_size

@@ -29,8 +29,8 @@ from tqdm.auto import tqdm
 from .. import augment as A
 from .. import data as D
 from ..config import ModelConfig, TrainConfig
+from ..files import load_file, save_file
 from ..models import HashModel
-from ..trainer import save_checkpoint
 from .context import Context
 
 __all__ = ["ViewCache", "view_cache", "cache_path", "pair_views", "index_batches",
@@ -61,7 +61,12 @@ def cache_path(ctx: Context, mc: ModelConfig, n_views: int) -> Path:
 
 def _load(path: Path, ctx: Context) -> ViewCache:
     ctx.log(f"view cache: loading {path}")
-    return ViewCache(**torch.load(path, map_location="cpu", weights_only=True))
+    d = load_file(path, "view cache")
+    fields = [f.name for f in dataclasses.fields(ViewCache)]
+    if not isinstance(d, dict) or sorted(d) != sorted(fields) or not all(
+            isinstance(d[k], torch.Tensor) for k in fields):
+        raise ValueError(f"view cache {str(path)!r} is malformed (expected tensors {fields})")
+    return ViewCache(**d)
 
 
 @torch.no_grad()
@@ -94,7 +99,12 @@ def view_cache(ctx: Context, *, model: HashModel | None, model_cfg: ModelConfig,
     """
     path = cache_path(ctx, model_cfg, n_views)
     if path.is_file():
-        return _load(path, ctx)
+        try:
+            return _load(path, ctx)
+        except ValueError as err:  # a damaged cache is rebuilt when there is a model to do it
+            if model is None:
+                raise ValueError(f"{err} (delete it to rebuild it)") from err
+            ctx.log(f"view cache: {err}; rebuilding it")
     if model is None:
         raise ValueError(f"no view cache at {path} and no teacher to build it")
     t0 = time.perf_counter()
@@ -118,7 +128,7 @@ def view_cache(ctx: Context, *, model: HashModel | None, model_cfg: ModelConfig,
     ctx.log(f"view cache: {n} images x {v} views made in {t1 - t0:.1f}s, features "
             f"{tuple(feats.shape)} extracted in {time.perf_counter() - t1:.1f}s")
     cache = ViewCache(views, det, feats, det_feats)
-    save_checkpoint(cache.__dict__, path)
+    save_file(cache.__dict__, path)
     return cache
 
 
