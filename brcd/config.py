@@ -12,6 +12,7 @@ DATASETS`), ``data.augment`` (:data:`brcd.augment.AUGMENTERS`), ``distill.method
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -171,24 +172,13 @@ class Config:
             raise ValueError(f"device must be a string (auto | cpu | cuda | cuda:N), got "
                              f"{self.device!r}")
         _check_plain_values(config_to_dict(self), "")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
-        if not 0.0 <= self.distill.alpha <= 1.0:
-            raise ValueError(f"distill.alpha must be in [0, 1], got {self.distill.alpha!r}")
+        _check_ranges(config_to_dict(self))
         check_dataset(self.data.name)
         _choice("distill.method", self.distill.method, METHODS)
         _choice("masks.convention", self.masks.convention, CONVENTIONS)
         _choice("data.augment", self.data.augment, AUGMENTERS)
-        if self.masks.n_clusters < 2:
-            raise ValueError(f"masks.n_clusters must be >= 2, got {self.masks.n_clusters}")
-        if self.data.view_size < 8:
-            raise ValueError(f"data.view_size must be >= 8 pixels, got {self.data.view_size}")
         for stage in ("teacher", "student"):
             s: StageConfig = getattr(self, stage)
-            if s.train.epochs < 0:
-                raise ValueError(f"{stage}.train.epochs must be >= 0, got {s.train.epochs}")
-            if s.train.batch_size < 2:
-                raise ValueError(f"{stage}.train.batch_size must be >= 2, got {s.train.batch_size}")
             if s.train.cache_views == 1 or s.train.cache_views < 0:
                 raise ValueError(
                     f"{stage}.train.cache_views must be 0 (off) or >= 2 (two distinct views per "
@@ -202,6 +192,74 @@ class Config:
             _choice(f"{stage}.train.autocast", s.train.autocast, AUTOCAST_MODES)
             _choice(f"{stage}.model.head", s.model.head, HEADS)
         return self
+
+
+@dataclass(frozen=True)
+class _Range:
+    """The numbers a config key accepts: ``kind`` (int, or float = any finite number), bounds
+    (inclusive unless ``*_open``) and whether null is allowed."""
+
+    kind: type
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    nullable: bool = False
+
+    def describe(self) -> str:
+        what = "an integer" if self.kind is int else "a finite number"
+        if self.lo is not None:
+            what += f" {'>' if self.lo_open else '>='} {self.lo}"
+        if self.hi is not None:
+            what += f"{' and' if self.lo is not None else ''} {'<' if self.hi_open else '<='} "
+            what += f"{self.hi}"
+        return what + (" or null" if self.nullable else "")
+
+    def ok(self, v: Any) -> bool:
+        if v is None:
+            return self.nullable
+        if isinstance(v, bool) or not isinstance(v, int if self.kind is int else (int, float)):
+            return False
+        if not math.isfinite(v):
+            return False
+        lo_ok = self.lo is None or (v > self.lo if self.lo_open else v >= self.lo)
+        hi_ok = self.hi is None or (v < self.hi if self.hi_open else v <= self.hi)
+        return lo_ok and hi_ok
+
+
+_STAGE_RANGES = {
+    "model.hidden": _Range(int, 1), "model.image_size": _Range(int, 8),
+    "train.epochs": _Range(int, 0), "train.batch_size": _Range(int, 2),
+    "train.lr": _Range(float, 0, lo_open=True), "train.weight_decay": _Range(float, 0),
+    "train.grad_clip": _Range(float, 0, lo_open=True, nullable=True),
+    "train.eval_every": _Range(int, 0), "train.steps_per_epoch": _Range(int, 1, nullable=True),
+}
+# every numeric key with the values a run can use (checked before anything runs, so a bad
+# value fails with one line naming the key instead of deep inside a stage)
+_RANGES: dict[str, _Range] = {
+    "seed": _Range(int, 0, 2**63 - 1), "bits": _Range(int, 1), "threads": _Range(int, 0),
+    "temperature": _Range(float, 0, lo_open=True), "kl_weight": _Range(float, 0),
+    "topk": _Range(int, 1), "data.view_size": _Range(int, 8),
+    "data.n_train": _Range(int, 2, nullable=True),
+    "data.train_per_class": _Range(int, 1, nullable=True),
+    "data.n_query": _Range(int, 1, nullable=True), "data.n_database": _Range(int, 1, nullable=True),
+    "data.n_val": _Range(int, 0),
+    "data.test_fraction": _Range(float, 0, 1, lo_open=True, hi_open=True),
+    "data.num_workers": _Range(int, 0), "masks.n_clusters": _Range(int, 2),
+    "masks.n_init": _Range(int, 1), "masks.delta": _Range(float, 0, 1, hi_open=True),
+    "distill.alpha": _Range(float, 0, 1), "distill.kd_weight": _Range(float, 0, nullable=True),
+    "distill.seed": _Range(int, 0, 2**63 - 1, nullable=True),
+    **{f"{st}.{k}": r for st in ("teacher", "student") for k, r in _STAGE_RANGES.items()},
+}
+
+
+def _check_ranges(d: dict[str, Any]) -> None:
+    for key, rng in _RANGES.items():
+        node: Any = d
+        for part in key.split("."):
+            node = node[part]
+        if not rng.ok(node):
+            raise ValueError(f"{key} must be {rng.describe()}, got {node!r}")
 
 
 def _check_plain_values(node: Any, where: str) -> None:
