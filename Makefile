@@ -1,6 +1,8 @@
 # Two commands do all set-up on a fresh Debian machine with Python 3.11:
 #   make test   -- create .venv, install the pinned stack, build fasthash._C, run the tests
 #   make demo   -- the same set-up, then the Fashion-MNIST BRCD demo (runs/demo/report.md)
+#   make fuzz   -- property suites at ~10^5 examples + atheris on fasthash._C (FUZZ_SECONDS)
+#   make sanitize -- fasthash._C with ASan+UBSan (build/sanitize), search/index tests per SIMD level
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -8,7 +10,9 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.fasthash-setup
 DEMO_ARGS ?=
 
-.PHONY: setup build test lint bench demo demo-quick clean
+FUZZ_SECONDS ?= 600
+
+.PHONY: setup build test lint bench demo demo-quick clean fuzz sanitize
 
 setup: $(STAMP) dataset
 
@@ -46,6 +50,19 @@ demo: setup build
 
 demo-quick: setup build
 	$(PY) -m brcd demo --quick $(DEMO_ARGS)
+
+# Outside CI: the properties under the "fuzz" hypothesis profile (FUZZ_EXAMPLES, default 10^5
+# in total) and the coverage-guided atheris target on the bindings (clang++, if installed,
+# gives C++ coverage), FUZZ_SECONDS in total; prints one summary line (details:
+# build/fuzz/report.md). `apt-get install clang` for the coverage-instrumented build.
+fuzz: setup build
+	@$(PY) -c "import atheris" 2>/dev/null || $(PIP) install -q -c constraints.txt 'atheris>=2.3'
+	FUZZ_SECONDS=$(FUZZ_SECONDS) $(PY) fuzz/run.py
+
+# ASan + UBSan build of fasthash._C in build/sanitize (never the in-place .so); runs
+# tests/test_search.py, tests/test_index.py and tests/test_properties.py at every SIMD level.
+sanitize: setup
+	PY=$(PY) bash fuzz/sanitize.sh
 
 clean:
 	rm -rf build fasthash/*.so .pytest_cache
