@@ -210,6 +210,32 @@ def _digits(root: Path | None) -> tuple[ImageSet, None]:
                     images=torch.from_numpy(x)[:, None]), None
 
 
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles plain containers and numpy arrays only: a crafted batch file that names any
+    other callable is refused instead of run (a pickle can call whatever it names)."""
+
+    _ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"),
+                *((m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray")
+                  for n in ("_reconstruct", "scalar"))}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        return super().find_class(module, name)
+
+
+def _read_cifar_batch(path: Path) -> dict:
+    try:
+        with open(path, "rb") as fh:
+            d = _ArrayUnpickler(fh, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as exc:
+        raise ValueError(f"CIFAR-10 batch {str(path)!r} is not a python batch file: "
+                         f"{exc}") from None
+    if not isinstance(d, dict) or b"data" not in d or b"labels" not in d:
+        raise ValueError(f"CIFAR-10 batch {str(path)!r} lacks b'data' / b'labels'")
+    return d
+
+
 @register_dataset("cifar10", default_root="data/cifar10",
                   help="the python batches (cifar-10-batches-py)")
 def _cifar10(root: Path) -> tuple[ImageSet, ImageSet]:
@@ -224,8 +250,7 @@ def _cifar10(root: Path) -> tuple[ImageSet, ImageSet]:
                     f"CIFAR-10 batch {str(f)!r} not found; put the python batches "
                     f"(cifar-10-batches-py) under data.root / --data-root"
                 )
-            with open(f, "rb") as fh:
-                d = pickle.load(fh, encoding="bytes")
+            d = _read_cifar_batch(f)
             xs.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
             ys.append(np.asarray(d[b"labels"], dtype=np.int64))
         return np.concatenate(xs), np.concatenate(ys)

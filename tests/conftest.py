@@ -29,3 +29,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _restore_threads():
+    """Modules that train tiny models set 1 torch thread; give the next module its default back."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)

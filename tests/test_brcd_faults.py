@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from brcd_support import TINY
 
 from brcd import cli, task
 from brcd.config import config_to_dict, load_config
@@ -21,22 +22,7 @@ from brcd.files import MAGIC, load_file, save_file
 from brcd.trainer import load_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = {
-    "bits": 16, "device": "cpu", "threads": 1,
-    "data.n_train": 192, "data.n_query": 64, "data.n_val": 48,
-    "teacher.model.head": "mlp", "teacher.model.hidden": 64,
-    "teacher.train.batch_size": 32, "teacher.train.steps_per_epoch": 6, "teacher.train.lr": 3e-3,
-    "student.train.batch_size": 32, "student.train.steps_per_epoch": 6, "student.train.lr": 3e-3,
-    "teacher.train.epochs": 1, "student.train.epochs": 1, "masks.n_clusters": 4,
-    "masks.n_init": 3,
-}
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _restore_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

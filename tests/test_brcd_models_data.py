@@ -3,6 +3,7 @@ weights classify chelsea as class 285) and brcd.data loads datasets, splits and 
 views, with clear errors for bad names, empty folders and unreadable images."""
 
 import gzip
+import os
 import pickle
 from pathlib import Path
 
@@ -144,6 +145,18 @@ def test_cifar10_batches(tmp_path):
     sp = D.make_splits(cfg, 0)
     assert len(sp.train) == 50 and len(sp.query) == 30 and len(sp.database) == 100
     assert sp.train.get(0).shape == (3, 32, 32)
+    # a batch file whose unpickling would run code is refused; the code does not run
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    with open(base / "test_batch", "wb") as fh:
+        pickle.dump({b"data": Evil(), b"labels": []}, fh)
+    with pytest.raises(ValueError, match="refusing to load"):
+        D.make_splits(cfg, 0)
+    assert not marker.exists()
 
 
 def test_imagefolder(tmp_path):

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from brcd_support import TINY
 
 from brcd import augment as A
 from brcd import cli, stages, task
@@ -17,24 +18,6 @@ from brcd.losses import brcd_distill_loss, cibhash_loss
 from brcd.masks import ClusterMasks, assign_clusters
 from brcd.stages import views as V
 from brcd.trainer import load_checkpoint, seed_everything
-
-TINY = {
-    "bits": 16, "device": "cpu", "threads": 1,
-    "data.n_train": 192, "data.n_query": 64, "data.n_val": 48,
-    "teacher.model.head": "mlp", "teacher.model.hidden": 64,
-    "teacher.train.batch_size": 32, "teacher.train.steps_per_epoch": 6, "teacher.train.lr": 3e-3,
-    "student.train.batch_size": 32, "student.train.steps_per_epoch": 6, "student.train.lr": 3e-3,
-    "teacher.train.epochs": 1, "student.train.epochs": 1, "masks.n_clusters": 4,
-    "masks.n_init": 3,
-}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _restore_threads():
-    # the runs below set 1 thread (tiny models); give the other test modules their default back
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
 
 
 def _cfg(tmp, **kw):
