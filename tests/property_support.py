@@ -29,23 +29,13 @@ from hypothesis import strategies as st
 _SUPPRESS = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
 
 # registered once: every property module imports this module (cached in sys.modules)
-settings.register_profile(
-    "ci",
-    max_examples=int(os.environ.get("HYPOTHESIS_CI_EXAMPLES", "20")),
-    deadline=None,
-    derandomize=True,
-    database=None,
-    print_blob=True,
-    suppress_health_check=_SUPPRESS,
-)
-settings.register_profile(
-    "fuzz",
-    max_examples=int(os.environ.get("FUZZ_EXAMPLES_PER_TEST", "3000")),
-    deadline=None,
-    derandomize=False,
-    print_blob=True,
-    suppress_health_check=_SUPPRESS,
-)
+# ci: few examples, the same every run; fuzz (make fuzz): many, fresh every run
+for _name, _examples, _extra in (
+    ("ci", os.environ.get("HYPOTHESIS_CI_EXAMPLES", "20"), {"derandomize": True, "database": None}),
+    ("fuzz", os.environ.get("FUZZ_EXAMPLES_PER_TEST", "3000"), {"derandomize": False}),
+):
+    settings.register_profile(_name, max_examples=int(_examples), deadline=None, print_blob=True,
+                              suppress_health_check=_SUPPRESS, **_extra)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 

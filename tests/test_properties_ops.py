@@ -44,6 +44,15 @@ def _f64(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to(torch.float64).requires_grad_(True)
 
 
+def _backward_weighted(out: torch.Tensor, ref: torch.Tensor, data) -> torch.Tensor:
+    """Backward of both losses under the same drawn output weights ``w`` (grad_output != 1)."""
+    w = torch.tensor(data.draw(P.relaxed(1, ref.numel(), signs=False), label="w")).reshape(
+        ref.shape)
+    (out * w.to(out.dtype)).sum().backward()
+    (ref * w).sum().backward()
+    return w
+
+
 def _assert_values(got: torch.Tensor, want: torch.Tensor, tol: float, name: str) -> None:
     g = got.detach().to(torch.float64).numpy()
     w = want.detach().numpy()
@@ -140,10 +149,7 @@ def test_nt_xent_equals_float64_oracle(b, length, dtype, tau, reduction, data):
     ref = P.reduce64(P.nt_xent_oracle(a1, a2, tau), reduction)
     vtol, gtol = _tol(dtype)
     _assert_values(out, ref, vtol, f"nt_xent ({reduction})")
-    w = torch.tensor(data.draw(P.relaxed(1, ref.numel(), signs=False), label="w")).reshape(
-        ref.shape)
-    (out * w.to(out.dtype)).sum().backward()
-    (ref * w).sum().backward()
+    w = _backward_weighted(out, ref, data)
     floor = max(1.0, float(w.abs().max()) * _amp(a1, a2) / tau)
     _assert_grad(z1.grad, a1.grad, dtype, gtol, "dL/dz1", floor)
     _assert_grad(z2.grad, a2.grad, dtype, gtol, "dL/dz2", floor)
@@ -211,10 +217,7 @@ def test_brcd_loss_equals_float64_oracle(case, dtype, tau, reduction, detach, da
     ref = P.reduce64(P.brcd_oracle(s64, t64, t264, tab, c, ca, alpha, tau), reduction)
     vtol, gtol = _tol(dtype)
     _assert_values(out, ref, vtol, f"brcd ({reduction})")
-    w = torch.tensor(data.draw(P.relaxed(1, ref.numel(), signs=False), label="w")).reshape(
-        ref.shape)
-    (out * w.to(out.dtype)).sum().backward()
-    (ref * w).sum().backward()
+    w = _backward_weighted(out, ref, data)
     mrows = [] if tab is None else [tab[torch.tensor(c)] if c is not None else tab[:1]]
     amp = _amp(s64, t64, t264, *(r * x for r in mrows for x in (s64, t264)))
     floor = max(1.0, float(w.abs().max()) * amp / tau)
