@@ -46,11 +46,16 @@ class MasksResult:
     masks: ClusterMasks
 
 
-def load_teacher(path: Path, bits: int) -> tuple[dict, HashModel, dict]:
-    """``(checkpoint, model in eval mode, spec)`` of a teacher checkpoint of ``bits`` bits."""
+def _teacher_checkpoint(path: Path) -> dict:
     ckpt = load_checkpoint(path)
     if ckpt["kind"] != "teacher":
         raise ValueError(f"{path}: expected a teacher checkpoint, got {ckpt['kind']}")
+    return ckpt
+
+
+def load_teacher(path: Path, bits: int) -> tuple[dict, HashModel, dict]:
+    """``(checkpoint, model in eval mode, spec)`` of a teacher checkpoint of ``bits`` bits."""
+    ckpt = _teacher_checkpoint(path)
     if ckpt["bits"] != bits:
         raise ValueError(f"teacher and student must have the same bit length: teacher {path} has "
                          f"{ckpt['bits']} bits, student bits={bits}")
@@ -80,9 +85,7 @@ def build_masks(inp: MasksInput, ctx: Context) -> MasksResult:
     Returns:
         a :class:`MasksResult`.
     """
-    ckpt = load_checkpoint(inp.teacher)
-    if ckpt["kind"] != "teacher":
-        raise ValueError(f"{inp.teacher}: expected a teacher checkpoint, got {ckpt['kind']}")
+    ckpt = _teacher_checkpoint(inp.teacher)
     model, spec = load_model(ckpt, inp.bits)
     codes = teacher_train_codes(ctx, model.to(ctx.device), spec, inp.teacher_stage)
     mc = inp.masks
@@ -101,7 +104,10 @@ def mask_stats(inp: MasksInput, ctx: Context) -> dict:
     Returns:
         :func:`brcd.masks.cluster_stats` of the teacher's codes of every cached view.
     """
-    ckpt = load_checkpoint(inp.teacher)
+    ckpt = _teacher_checkpoint(inp.teacher)
+    if ckpt.get("masks") is None:
+        raise ValueError(f"{inp.teacher}: no clusters and masks in this teacher checkpoint; run "
+                         "build-masks")
     model, spec = load_model(ckpt, inp.bits)
     st = inp.teacher_stage
     cache = V.view_cache(ctx, model=model, model_cfg=teacher_model_config(st.model, spec),
