@@ -302,23 +302,21 @@ def mmap_case(args, rows):
 
 def write_random_index(path: str, n: int, bits: int) -> None:
     """A saved HammingIndex of n random codes, written in chunks (never all in RAM)."""
-    import struct
     import zlib
 
-    from fasthash import index as S
+    from fasthash import _indexfile as S
 
     w = bits // 64
     rng = np.random.default_rng(2)
     crc = 0
     per = 4 << 20
     with open(path, "wb") as f:
-        f.write(b"\0" * S._HEADER_SIZE)
+        f.write(b"\0" * S.HEADER_SIZE)
         for lo in range(0, n, per):
             chunk = random_words(rng, min(per, n - lo), w).astype("<u8").tobytes()
             crc = zlib.crc32(chunk, crc)
             f.write(chunk)
-        head = S._HEADER.pack(S._MAGIC, S._VERSION, bits, n, w, crc & 0xFFFFFFFF)
-        head += struct.pack("<I", zlib.crc32(head) & 0xFFFFFFFF)
+        head = S.pack_header(bits, n, w, crc & 0xFFFFFFFF)  # the current version, no ids
         f.seek(0)
         f.write(head)
 

@@ -7,7 +7,8 @@ the GIL released and ``num_threads`` worker threads. Without ``_C`` the pure-tor
 (:func:`fasthash.reference.topk_ref` / :func:`~fasthash.reference.radius_ref`) runs, streamed in
 gallery blocks, after a one-time warning. CUDA tensors go to the Triton kernel
 :func:`fasthash.ops.hamming_topk_triton.hamming_topk_cuda`. The persistent index
-:class:`~fasthash.index.HammingIndex` lives in :mod:`fasthash.index` (re-exported here).
+:class:`~fasthash.index.HammingIndex` lives in :mod:`fasthash.index` (re-exported here);
+:func:`as_ids` checks the ids its codes carry.
 
 Distances: ``d(q, x) = popcount((q XOR x) AND m)`` over all bits of the W words (the mask ``m``
 is all ones when absent). :func:`fasthash.pack_codes` zeroes the padding bits of the last word,
@@ -18,11 +19,12 @@ so for packed codes this is the Hamming distance of the L-bit codes. Results are
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Union
 
 import numpy as np
 import torch
 
-from ._checks import check_int, check_radius, check_simd, check_threads
+from ._checks import check_device, check_int, check_radius, check_simd, check_threads
 from .codes import ArrayLike, as_search_words
 from .env import warn_once
 
@@ -115,6 +117,47 @@ def merge_radius(
     i = np.concatenate([np.asarray(p[2], dtype=np.int64) for p in parts] or [np.zeros(0, np.int64)])
     order = np.lexsort((i, d, query))
     return lims, d[order], i[order]
+
+
+# ----------------------------------------------------------------------------- index ids
+
+IdsLike = Union[np.ndarray, torch.Tensor, Sequence[int]]  # noqa: UP007 - a runtime alias
+
+
+def as_ids(ids: IdsLike, name: str, rows: int | None = None) -> np.ndarray:
+    """The ids of an index's codes (returned by its searches instead of positions), checked: a
+    new C-contiguous int64 array ``[rows]`` of ids >= 0 (``rows=None``: any length).
+
+    -1 is refused with every negative value: FAISS returns it for "no result", so an id -1
+    could not be told apart from one.
+    """
+    if isinstance(ids, torch.Tensor):
+        check_device(ids, name)
+        if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
+            raise TypeError(f"{name} must hold integers (int64 ids), got dtype {ids.dtype}")
+        ids = ids.detach().cpu().numpy()
+    elif isinstance(ids, (list, tuple, range)):
+        ids = np.asarray(ids) if len(ids) else np.zeros(0, np.int64)
+    elif not isinstance(ids, np.ndarray):
+        raise TypeError(
+            f"{name} must be a numpy array, torch tensor or sequence of ints, got "
+            f"{type(ids).__name__}"
+        )
+    if ids.dtype.kind not in "iu":
+        raise TypeError(f"{name} must hold integers (int64 ids), got dtype {ids.dtype}")
+    if ids.ndim != 1 or (rows is not None and ids.shape[0] != rows):
+        want = f"[{rows}] (one id per code)" if rows is not None else "[M]"
+        raise ValueError(f"{name} must have shape {want}, got {tuple(ids.shape)}")
+    if ids.dtype == np.uint64 and ids.size and int(ids.max()) >= 1 << 63:
+        raise ValueError(f"{name} must be < 2**63 (int64 ids), got {int(ids.max())}")
+    out = np.array(ids, dtype=np.int64, order="C")  # a copy: the caller may change ids later
+    if out.size and out.min() < 0:
+        j = int(np.argmax(out < 0))
+        raise ValueError(
+            f"{name} must be >= 0 (-1 means 'no result' to FAISS users), got {name}[{j}] = "
+            f"{int(out[j])}"
+        )
+    return out
 
 
 # ----------------------------------------------------------------------------- search

@@ -170,17 +170,25 @@ def test_truncated_mapped_file_raises_instead_of_sigbus(tmp_path):
         idx.add(np.arange(200_000, dtype=np.uint64).reshape(-1, 1))
         idx.save(path)
         m = HammingIndex.load(path, mmap=True)
+        with_ids = HammingIndex(64)
+        with_ids.add(idx.words_array(), ids=np.arange(200_000))
+        with_ids.save(path + ".ids")
+        w = HammingIndex.load(path + ".ids", mmap=True)
         q = np.zeros((2, 1), np.uint64)
         m.search(q, 3)
-        os.truncate(path, 4096 + 8 * 100)  # another writer truncates the mapped file
+        os.truncate(path, 4096 + 8 * 100)  # another writer truncates the mapped files
+        os.truncate(path + ".ids", 4096 + 8 * 100)
         for name, call in [("search", lambda: m.search(q, 3)),
                            ("range_search", lambda: m.range_search(q, 2)),
                            ("save", lambda: m.save(path + ".copy")),
-                           ("add", lambda: m.add(q))]:
+                           ("add", lambda: m.add(q)),
+                           ("remove_ids", lambda: m.remove_ids([5])),
+                           ("remove_ids with ids", lambda: w.remove_ids([5])),
+                           ("search with ids", lambda: w.search(q, 3))]:
             try:
                 call()
             except OSError as e:
-                assert path in str(e) and "shrank" in str(e), e
+                assert path in str(e) and "shrank" in str(e), (name, e)
                 print(name, "raised")
             else:
                 raise SystemExit(name + " did not raise")
