@@ -13,9 +13,12 @@ float64. Outputs are float32 (float64 for float64 inputs); input gradients have 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 
+from . import distributed as _dist
 from . import reference as ref
 from ._checks import (
     check_bit_mask,
@@ -32,6 +35,9 @@ from .codes import as_search_words
 from .env import warn_once
 from .ops import registry as _ops
 from .ops.blocked import compute_dtype, normalize_rows
+
+if TYPE_CHECKING:  # annotations only: builds without torch.distributed import this module too
+    from torch.distributed import ProcessGroup
 
 __all__ = [
     "masked_hamming_similarity",
@@ -130,6 +136,7 @@ def brcd_contrastive_loss(
     temperature: float = 0.3,
     reduction: str = "mean",
     detach_teacher: bool = True,
+    group: ProcessGroup | None = None,
 ) -> torch.Tensor:
     r"""The BRCD distillation term (BRCD_SPEC §3-5), fused: the 2B x 2B logits are never built.
 
@@ -156,6 +163,16 @@ def brcd_contrastive_loss(
         temperature: τ > 0.
         reduction: "mean" (over the 2B rows), "sum" or "none" (per-row losses ``[2B]``).
         detach_teacher: stop gradients into the teacher codes (default True).
+        group: a ``torch.distributed`` process group, or None (this process's rows only). With
+            a group each rank passes its local rows (their codes, ids and the same
+            ``mask_table``); the negatives are every row of every rank and the value is the
+            loss of one process on the rank-major concatenation of the ranks' batches (sizes
+            may differ). "mean" / "sum" return that global loss on every rank; "none" returns
+            this rank's ``2B_local`` row losses. Gradient convention: with ``grad_output = 1``
+            on every rank, each rank's backward receives ``world_size x dL/d(its rows)`` of the
+            global L, which DistributedDataParallel's averaging turns into the gradients of one
+            process on the global batch; without DDP average the ranks' gradients (details:
+            :mod:`fasthash.distributed`). Every rank must call it (and backward) alike.
 
     Shape:
         student, teacher_same, teacher_other ``[B, L]``; ids ``[B]`` -> scalar or ``[2B]``.
@@ -167,6 +184,26 @@ def brcd_contrastive_loss(
         >>> s = torch.tensor([[1., -1.], [-1., 1.]]); brcd_contrastive_loss(s, s, s).item() < 0.1
         True
     """
+    args = (student, teacher_same, teacher_other, mask_table, cluster_ids, aug_cluster_ids,
+            alpha, temperature, reduction, detach_teacher)
+    if group is not None:
+        return _brcd_global(args, group)
+    zs, zt, pos, c, c_aug, inv_tau = _brcd_parts(*args)
+    if c is None:
+        row_cl = col_cl = None
+    else:
+        row_cl = torch.cat([c, c])
+        col_cl = torch.cat([c, c_aug])
+    lse = _ops.contrastive_lse(zs, zt, pos, row_cl, col_cl, inv_tau)
+    return reduce_rows(lse - torch.cat([pos, pos]), reduction)
+
+
+def _brcd_parts(
+    student, teacher_same, teacher_other, mask_table, cluster_ids, aug_cluster_ids,
+    alpha, temperature, reduction, detach_teacher,
+):
+    """Checked inputs of the BRCD term as ``(zs, zt, pos, c, c_aug, 1 / tau)``: masked,
+    normalised student and teacher rows, positives and int64 cluster ids (or None)."""
     teachers = {"teacher_same": teacher_same, "teacher_other": teacher_other}
     c, c_aug, alpha, tau = check_brcd_args(
         student, teachers, mask_table, cluster_ids, aug_cluster_ids,
@@ -193,19 +230,69 @@ def brcd_contrastive_loss(
     g_pos = (zs * zt).sum(dim=1) * inv_tau
     if c is None:
         pos = alpha * a_ind + (1.0 - alpha) * g_pos
-        row_cl = col_cl = None
     else:
         alpha_k = torch.full((bsz,), float(alpha), dtype=dt, device=dev)
         alpha_k = torch.where(c_aug != c, torch.ones_like(alpha_k), alpha_k)
         pos = alpha_k * a_ind + (1.0 - alpha_k) * g_pos
-        row_cl = torch.cat([c, c])
-        col_cl = torch.cat([c, c_aug])
-    lse = _ops.contrastive_lse(zs, zt, pos, row_cl, col_cl, inv_tau)
-    return reduce_rows(lse - torch.cat([pos, pos]), reduction)
+    return zs, zt, pos, c, c_aug, inv_tau
+
+
+def _brcd_global(args: tuple, group) -> torch.Tensor:
+    """:func:`brcd_contrastive_loss` over the global batch of ``group``."""
+    student, mask_table, alpha, temperature, reduction = (args[0], args[3], *args[6:9])
+
+    def prepare():
+        parts = _brcd_parts(*args)
+        zs, zt, pos, c = parts[:4]
+        table = -1.0 if mask_table is None else float(mask_table.shape[0])
+        fields = {
+            **_common_fields("brcd_contrastive_loss", zs, zt, pos, reduction),
+            "alpha": float(alpha), "temperature": float(temperature),
+            "whether cluster ids are given": float(c is not None),
+            "the mask_table rows C": table, "the mask_table contents (checksum)":
+                0.0 if mask_table is None else _checksum(mask_table),
+        }
+        return parts, student.shape[0], fields
+
+    parts, sizes = _dist.agree(group, "brcd_contrastive_loss", _device_of(student), prepare)
+    zs, zt, pos, c, c_aug, inv_tau = parts
+    ids = None if c is None else torch.stack([c, c_aug], dim=1)
+    return _dist.global_contrastive_loss(zs, zt, pos, ids, inv_tau, reduction, group, sizes)
+
+
+def _common_fields(kind: str, za, zb, pos, reduction: str) -> dict[str, float]:
+    """Metadata every rank of a distributed loss must agree on (see fasthash.distributed)."""
+    needs_grad = torch.is_grad_enabled() and (za.requires_grad or zb.requires_grad
+                                              or pos.requires_grad)
+    return {
+        "the loss called (0 NT-Xent, 1 BRCD)": float(kind == "brcd_contrastive_loss"),
+        "the code length L": float(za.shape[1]),
+        "the compute dtype (0 float32, 1 float64)": float(za.dtype == torch.float64),
+        "the device type (0 CPU, 1 CUDA)": float(za.device.type == "cuda"),
+        "the reduction (0 mean, 1 sum, 2 none)": _dist.reduction_code(reduction),
+        "whether a backward will run (grad mode and inputs requiring grad)": float(needs_grad),
+    }
+
+
+def _device_of(x) -> torch.device:
+    """The device of a tensor argument (the CPU for a non-tensor, which its check refuses)."""
+    return x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
+
+
+def _checksum(table: torch.Tensor) -> float:
+    """A position-weighted sum of a {0, 1} table: equal tables give equal sums, exactly."""
+    flat = table.detach().to(torch.float64).flatten()
+    w = torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=flat.device)
+    return float((flat * w).sum())
 
 
 def nt_xent_loss(
-    z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.3, *, reduction: str = "mean"
+    z1: torch.Tensor,
+    z2: torch.Tensor,
+    temperature: float = 0.3,
+    *,
+    reduction: str = "mean",
+    group: ProcessGroup | None = None,
 ) -> torch.Tensor:
     r"""SimCLR NT-Xent over the 2B rows of two views (cosine similarity), fused.
 
@@ -216,6 +303,11 @@ def nt_xent_loss(
     Args:
         z1, z2: the two views' relaxed codes. temperature: τ > 0.
         reduction: "mean", "sum" or "none" (per-row ``[2B]``).
+        group: a ``torch.distributed`` process group, or None (this process's rows only). With
+            a group the negatives are every row of every rank and the value is the loss of one
+            process on the rank-major concatenation of the ranks' batches; the reductions and
+            the gradient convention (``world_size x dL/d(local rows)`` per rank, what DDP
+            expects) are those of :func:`brcd_contrastive_loss`.
 
     Shape:
         ``[B, L]`` and ``[B, L]`` -> scalar (or ``[2B]``).
@@ -227,6 +319,15 @@ def nt_xent_loss(
         >>> z = torch.eye(4); bool(nt_xent_loss(z[:2], z[:2]) < nt_xent_loss(z[:2], z[2:]))
         True
     """
+    if group is not None:
+        return _nt_xent_global(z1, z2, temperature, reduction, group)
+    za, zb, pos, inv_tau = _nt_xent_parts(z1, z2, temperature, reduction)
+    lse = _ops.contrastive_lse(za, zb, pos, None, None, inv_tau)
+    return reduce_rows(lse - torch.cat([pos, pos]), reduction)
+
+
+def _nt_xent_parts(z1, z2, temperature, reduction):
+    """Checked inputs of NT-Xent as ``(za, zb, pos, 1 / tau)``."""
     check_codes(z1, "z1")
     check_codes(z2, "z2", z1.shape[1])
     check_like(z2, "z2", z1, "z1")
@@ -236,8 +337,20 @@ def nt_xent_loss(
     za = normalize_rows(z1.to(dt))
     zb = normalize_rows(z2.to(dt))
     pos = (za * zb).sum(dim=1) * inv_tau
-    lse = _ops.contrastive_lse(za, zb, pos, None, None, inv_tau)
-    return reduce_rows(lse - torch.cat([pos, pos]), reduction)
+    return za, zb, pos, inv_tau
+
+
+def _nt_xent_global(z1, z2, temperature, reduction, group) -> torch.Tensor:
+    """:func:`nt_xent_loss` over the global batch of ``group``."""
+
+    def prepare():
+        parts = _nt_xent_parts(z1, z2, temperature, reduction)
+        fields = {**_common_fields("nt_xent_loss", *parts[:3], reduction),
+                  "temperature": float(temperature)}
+        return parts, z1.shape[0], fields
+
+    (za, zb, pos, inv_tau), sizes = _dist.agree(group, "nt_xent_loss", _device_of(z1), prepare)
+    return _dist.global_contrastive_loss(za, zb, pos, None, inv_tau, reduction, group, sizes)
 
 
 # --------------------------------------------------------------------------- packed distances

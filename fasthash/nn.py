@@ -1,12 +1,22 @@
 """``nn.Module`` faces of the fused ops: they only hold hyper-parameters and call
-:mod:`fasthash.functional`."""
+:mod:`fasthash.functional`.
+
+The losses take the process group in the constructor (``group=``, like ``process_group=`` of
+``torch.nn.SyncBatchNorm``): a module built with a group computes the loss over the global
+batch of that group on every call; ``group=None`` (the default) is the single-process loss.
+"""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from . import functional as F
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 __all__ = ["MaskedHammingSimilarity", "BRCDContrastiveLoss", "NTXentLoss"]
 
@@ -42,6 +52,10 @@ class BRCDContrastiveLoss(nn.Module):
     Args:
         alpha: weight of the individual-space positive in [0, 1]. temperature: τ > 0.
         reduction: "mean", "sum" or "none". detach_teacher: stop gradients into the teacher.
+        group: a ``torch.distributed`` process group: negatives from every rank's rows and the
+            global loss on every rank (each rank's backward gets ``world_size x`` the gradient
+            of its rows, which DDP averages back; see
+            :func:`fasthash.functional.brcd_contrastive_loss`). None: this process only.
 
     Shape:
         student, teacher_same, teacher_other ``[B, L]``; mask_table ``[C, L]``; ids ``[B]``.
@@ -58,12 +72,15 @@ class BRCDContrastiveLoss(nn.Module):
         temperature: float = 0.3,
         reduction: str = "mean",
         detach_teacher: bool = True,
+        *,
+        group: ProcessGroup | None = None,
     ) -> None:
         super().__init__()
         self.alpha = alpha
         self.temperature = temperature
         self.reduction = reduction
         self.detach_teacher = detach_teacher
+        self.group = group
 
     def forward(
         self,
@@ -85,11 +102,13 @@ class BRCDContrastiveLoss(nn.Module):
             temperature=self.temperature,
             reduction=self.reduction,
             detach_teacher=self.detach_teacher,
+            group=self.group,
         )
 
     def extra_repr(self) -> str:
         return (f"alpha={self.alpha}, temperature={self.temperature}, "
-                f"reduction={self.reduction!r}, detach_teacher={self.detach_teacher}")
+                f"reduction={self.reduction!r}, detach_teacher={self.detach_teacher}"
+                f"{_group_repr(self.group)}")
 
 
 class NTXentLoss(nn.Module):
@@ -97,6 +116,8 @@ class NTXentLoss(nn.Module):
 
     Args:
         temperature: τ > 0. reduction: "mean", "sum" or "none".
+        group: a ``torch.distributed`` process group (the global batch, as
+            :class:`BRCDContrastiveLoss`) or None.
 
     Shape:
         z1, z2 ``[B, L]`` -> scalar (or ``[2B]``).
@@ -106,13 +127,33 @@ class NTXentLoss(nn.Module):
         True
     """
 
-    def __init__(self, temperature: float = 0.3, reduction: str = "mean") -> None:
+    def __init__(
+        self,
+        temperature: float = 0.3,
+        reduction: str = "mean",
+        *,
+        group: ProcessGroup | None = None,
+    ) -> None:
         super().__init__()
         self.temperature = temperature
         self.reduction = reduction
+        self.group = group
 
     def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
-        return F.nt_xent_loss(z1, z2, self.temperature, reduction=self.reduction)
+        return F.nt_xent_loss(z1, z2, self.temperature, reduction=self.reduction,
+                              group=self.group)
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, reduction={self.reduction!r}"
+        return (f"temperature={self.temperature}, reduction={self.reduction!r}"
+                f"{_group_repr(self.group)}")
+
+
+def _group_repr(group) -> str:
+    if group is None:
+        return ""
+    import torch.distributed as dist
+
+    try:
+        return f", group=<{dist.get_world_size(group)} ranks>"
+    except Exception:  # noqa: BLE001 - a repr never raises (e.g. torch.distributed torn down)
+        return ", group=<process group>"

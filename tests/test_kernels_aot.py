@@ -45,10 +45,12 @@ def _compile(kernel, signature, constexprs, num_warps):
 
 
 LSE_SIG = {"Z": F32, "POS": F32, "RC": I64, "CC": I64, "M_OUT": F32, "L_OUT": F32, "R": "i32",
-           "HALF": "i32", "L": "i32", "stride_z": "i32", "cols_per_split": "i32", "scale": "fp32"}
+           "HALF": "i32", "L": "i32", "stride_z": "i32", "cols_per_split": "i32", "scale": "fp32",
+           "ROW_OFF": "i32", "N_LOC": "i32"}
 LSE_BWD_SIG = {"Z": F32, "LSE": F32, "G": F32, "RC": I64, "CC": I64, "DZ": F32, "R": "i32",
                "HALF": "i32", "GRAD_ROWS": "i32", "L": "i32", "stride_z": "i32",
-               "cols_per_split": "i32", "scale": "fp32", "inv_tau": "fp32"}
+               "cols_per_split": "i32", "scale": "fp32", "inv_tau": "fp32",
+               "ROW_OFF": "i32", "N_LOC": "i32"}
 SIM_FLAGS = ("HAS_MX", "MX_IDS", "HAS_MY", "MY_IDS", "NORMALIZE")
 HAM_SIG = {"Q": I64, "X": I64, "MSK": I64, "NQ": "i32", "NX": "i32", "W": "i32",
            "stride_q": "i32", "stride_x": "i32", "stride_m": "i32"}

@@ -17,6 +17,14 @@ where ``keep(a)`` drops ``b = a``, ``b = partner(a)`` and, with clusters, every 
 
 (the first term: ``i`` as a row; the second: ``i`` as a column of every other row), and
 ``d pos[k] = sum_{a in {k, k+B}} g[a] exp(pos[k] - lse[a])``.
+
+Row subsets (the distributed losses): ``za``, ``zb`` may be the gathered global halves while
+only the rows of one rank are computed, ``row_offset = off`` and ``row_count = n``: local row
+``i < n`` is global row ``off + i`` and local row ``n + i`` is global row ``B + off + i``;
+``pos`` then holds the n local positives, the columns are every global row, and the backward
+takes the global ``grad_lse`` and ``lse`` (the gradient of a local row's code needs every row's
+``g`` and ``lse``, but no gradient of another rank's codes). ``row_offset = 0``, ``row_count =
+B`` is the whole batch and runs exactly the code of the single-process loss.
 """
 
 from __future__ import annotations
@@ -179,6 +187,30 @@ def _drop_tile(
     return drop
 
 
+def row_segments(half: int, row_offset: int, row_count: int | None, rows: int | None = None):
+    """Global row spans ``(g0, g1, l0)`` of the first ``rows`` (default ``2 * row_count``) local
+    rows of a row subset (see the module docstring): local row ``l0 + j`` is global row
+    ``g0 + j``. The whole batch is one span, so it runs exactly the single-process loop."""
+    n = half if row_count is None else row_count
+    rows = 2 * n if rows is None else rows
+    if not (0 <= row_offset and 0 < n and row_offset + n <= half and 0 < rows <= 2 * n):
+        raise ValueError(f"row subset [{row_offset}, {row_offset} + {n}) x {rows} rows does not "
+                         f"fit a batch of {half}")
+    if row_offset == 0 and n == half:
+        return [(0, rows, 0)]
+    spans = [(row_offset, row_offset + min(rows, n), 0)]
+    if rows > n:
+        spans.append((half + row_offset, half + row_offset + rows - n, n))
+    return spans
+
+
+def _row_blocks(spans):
+    """``(r0, r1, lo)`` row blocks of at most BLOCK_ROWS global rows, ``lo`` their local start."""
+    for g0, g1, l0 in spans:
+        for r0 in range(g0, g1, BLOCK_ROWS):
+            yield r0, min(g1, r0 + BLOCK_ROWS), l0 + r0 - g0
+
+
 def contrastive_lse_cpu(
     za: torch.Tensor,
     zb: torch.Tensor,
@@ -186,17 +218,25 @@ def contrastive_lse_cpu(
     row_cluster: torch.Tensor | None,
     col_cluster: torch.Tensor | None,
     inv_tau: float,
+    *,
+    row_offset: int = 0,
+    row_count: int | None = None,
 ) -> torch.Tensor:
-    """Per-row ``lse`` [2B] of the fused contrastive loss (see the module docstring)."""
+    """Per-row ``lse`` [2 row_count] (default [2B]) of the fused contrastive loss for the rows
+    ``row_offset + [0, row_count)`` of each half (see the module docstring); ``pos`` holds
+    their ``row_count`` positives."""
     dt = compute_dtype(za, zb, pos)
     z = torch.cat([za, zb]).to(dt)
     total, half = z.shape[0], za.shape[0]
+    spans = row_segments(half, row_offset, row_count)
+    if pos.shape[0] != (half if row_count is None else row_count):
+        raise ValueError(f"pos must hold one positive per local row, got {pos.shape[0]}")
     pos2 = torch.cat([pos, pos]).to(dt)
     zs = z * inv_tau  # rows pre-scaled: one matmul gives logits
     zt = z.T
     fixed = 2.0 * inv_tau < FIXED_SHIFT_LIMIT[dt]
     shift = torch.full((1, 1), -inv_tau, dtype=dt, device=z.device)
-    lse = torch.empty(total, dtype=dt, device=z.device)
+    lse = torch.empty(pos2.shape[0], dtype=dt, device=z.device)
     feats = None
     if fixed and row_cluster is not None:
         feats = _cluster_features(row_cluster, col_cluster, dt)
@@ -204,15 +244,14 @@ def contrastive_lse_cpu(
         zs = torch.cat([zs, feats[0]], dim=1)
         zt = torch.cat([z, feats[1]], dim=1).T
         row_cluster = col_cluster = None
-    for r0 in range(0, total, BLOCK_ROWS):
-        r1 = min(total, r0 + BLOCK_ROWS)
+    for r0, r1, lo in _row_blocks(spans):
         q = zs[r0:r1]
         if fixed:
             # logits and positives are bounded by 1/tau: exp(x - 1/tau) is in (e^{-2/tau}, 1],
             # so no running max is needed and each logit costs one exp
-            acc = torch.exp(pos2[r0:r1] - inv_tau)
+            acc = torch.exp(pos2[lo:lo + r1 - r0] - inv_tau)
         else:
-            m = pos2[r0:r1].clone()
+            m = pos2[lo:lo + r1 - r0].clone()
             acc = torch.ones_like(m)
         for c0 in range(0, total, BLOCK_COLS):
             c1 = min(total, c0 + BLOCK_COLS)
@@ -229,7 +268,7 @@ def contrastive_lse_cpu(
                 m_new = torch.maximum(m, s.amax(dim=1))
                 acc = acc * torch.exp(m - m_new) + torch.exp(s - m_new[:, None]).sum(dim=1)
                 m = m_new
-        lse[r0:r1] = (torch.log(acc) + inv_tau) if fixed else (m + torch.log(acc))
+        lse[lo:lo + r1 - r0] = (torch.log(acc) + inv_tau) if fixed else (m + torch.log(acc))
     return lse
 
 
@@ -242,9 +281,13 @@ def contrastive_lse_backward_cpu(
     col_cluster: torch.Tensor | None,
     inv_tau: float,
     grad_rows: int,
+    *,
+    row_offset: int = 0,
+    row_count: int | None = None,
 ) -> torch.Tensor:
-    """Gradient of ``sum(grad_lse * lse)`` w.r.t. the first ``grad_rows`` rows of ``[za; zb]``,
-    recomputing the logits block by block (no N x N buffer).
+    """Gradient of ``sum(grad_lse * lse)`` w.r.t. the first ``grad_rows`` rows of ``[za; zb]``
+    (with a row subset: of its local rows; ``grad_lse`` and ``lse`` are the global [2B]
+    vectors), recomputing the logits block by block (no N x N buffer).
 
     In the fixed-shift regime one exp per logit serves both roles:
     ``g[i] P[i, b] + g[b] P[b, i] = E[i, b] (a[i] + c[b])`` with ``E = exp(G - 1/tau)``,
@@ -276,8 +319,7 @@ def contrastive_lse_backward_cpu(
         wc_b = torch.cat([cf, cf * oh_r], dim=1).T  # column role, column side (b's row cluster)
         row_cluster = col_cluster = None
     out = torch.empty(grad_rows, z.shape[1], dtype=dt, device=z.device)
-    for r0 in range(0, grad_rows, BLOCK_ROWS):
-        r1 = min(grad_rows, r0 + BLOCK_ROWS)
+    for r0, r1, lo in _row_blocks(row_segments(half, row_offset, row_count, grad_rows)):
         q = zs[r0:r1]
         acc = torch.zeros(r1 - r0, z.shape[1], dtype=dt, device=z.device)
         for c0 in range(0, total, BLOCK_COLS):
@@ -312,5 +354,5 @@ def contrastive_lse_backward_cpu(
                     p_c.masked_fill_(drop_c, 0.0)
                 p.mul_(g[r0:r1, None]).add_(p_c.mul_(g[None, c0:c1]))
             acc.addmm_(p, z[c0:c1])
-        out[r0:r1] = acc * inv_tau
+        out[lo:lo + r1 - r0] = acc * inv_tau
     return out

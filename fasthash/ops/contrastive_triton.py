@@ -18,6 +18,11 @@ gradient, column split); it recomputes each logit tile and accumulates
 ``dZ[i] += (g[i] P[i, b] + g[b] P[b, i]) Z[b]`` (the row and the column role of row i, using the
 saved per-row lse), so no atomics and no second kernel are needed; splits are summed by the
 launcher in a fixed order (deterministic).
+
+Row subsets (the distributed losses): ``ROW_OFF`` / ``N_LOC`` select the rows ``ROW_OFF + [0,
+N_LOC)`` of each half of the gathered global ``Z`` (program rows are local, ``_global_rows``
+maps them); the columns stay every global row, ``POS`` holds the N_LOC local positives and the
+backward reads the global ``LSE`` / ``G``. ``ROW_OFF = 0, N_LOC = HALF`` is the whole batch.
 """
 
 from __future__ import annotations
@@ -34,10 +39,18 @@ _LOG2E = tl.constexpr(LOG2E)  # jit functions may read only constexpr globals
 
 
 @triton.jit
+def _global_rows(loc, ROW_OFF, N_LOC, HALF):
+    # global rows of local rows loc: the first N_LOC are student rows ROW_OFF + i, the next
+    # N_LOC their teacher rows HALF + ROW_OFF + i (ROW_OFF = 0, N_LOC = HALF: the identity)
+    return tl.where(loc < N_LOC, ROW_OFF + loc, HALF + ROW_OFF + loc - N_LOC)
+
+
+@triton.jit
 def _contrastive_lse_fwd_kernel(
     Z, POS, RC, CC, M_OUT, L_OUT,
     R, HALF, L, stride_z, cols_per_split,
     scale,  # log2(e) / tau
+    ROW_OFF, N_LOC,  # the row subset: local row i < N_LOC is global ROW_OFF + i (docstring)
     HAS_CL: tl.constexpr,
     FIXED_SHIFT: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -47,15 +60,16 @@ def _contrastive_lse_fwd_kernel(
 ):
     pid_r = tl.program_id(0)
     pid_s = tl.program_id(1)
-    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    rmask = rows < R
+    loc = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = loc < 2 * N_LOC
+    rows = _global_rows(loc, ROW_OFF, N_LOC, HALF)
     offs_l = tl.arange(0, BLOCK_L)
     lmask = offs_l < L
     q = tl.load(Z + rows[:, None] * stride_z + offs_l[None, :],
                 mask=rmask[:, None] & lmask[None, :], other=0.0).to(tl.float32)
     q = q * scale  # base-2 logits straight out of the dot
     partner = tl.where(rows < HALF, rows + HALF, rows - HALF)
-    sample = tl.where(rows < HALF, rows, rows - HALF)
+    sample = tl.where(loc < N_LOC, loc, loc - N_LOC)  # index of the local positive
     pos2 = tl.load(POS + sample, mask=rmask, other=0.0).to(tl.float32) * _LOG2E
     first = (pid_s == 0).to(tl.float32)
     if FIXED_SHIFT:
@@ -89,8 +103,8 @@ def _contrastive_lse_fwd_kernel(
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(p, 1)
             m_i = m_new
-    tl.store(M_OUT + pid_s * R + rows, m_i, mask=rmask)
-    tl.store(L_OUT + pid_s * R + rows, l_i, mask=rmask)
+    tl.store(M_OUT + pid_s * (2 * N_LOC) + loc, m_i, mask=rmask)
+    tl.store(L_OUT + pid_s * (2 * N_LOC) + loc, l_i, mask=rmask)
 
 
 @triton.jit
@@ -99,6 +113,7 @@ def _contrastive_lse_bwd_kernel(
     R, HALF, GRAD_ROWS, L, stride_z, cols_per_split,
     scale,  # log2(e) / tau
     inv_tau,
+    ROW_OFF, N_LOC,  # the row subset (as the forward); LSE and G are the global vectors
     HAS_CL: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -107,8 +122,9 @@ def _contrastive_lse_bwd_kernel(
 ):
     pid_r = tl.program_id(0)
     pid_s = tl.program_id(1)
-    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    rmask = rows < GRAD_ROWS
+    loc = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = loc < GRAD_ROWS
+    rows = _global_rows(loc, ROW_OFF, N_LOC, HALF)
     offs_l = tl.arange(0, BLOCK_L)
     lmask = offs_l < L
     q = tl.load(Z + rows[:, None] * stride_z + offs_l[None, :],
@@ -145,7 +161,7 @@ def _contrastive_lse_bwd_kernel(
         p += tl.where(keep_c, tl.exp2(s - lse_c[None, :]) * g_c[None, :], 0.0)
         acc += tl.dot(p, k, input_precision=DOT_PRECISION)
     acc = acc * inv_tau
-    tl.store(DZ + (pid_s * GRAD_ROWS + rows[:, None]) * L + offs_l[None, :], acc,
+    tl.store(DZ + (pid_s * GRAD_ROWS + loc[:, None]) * L + offs_l[None, :], acc,
              mask=rmask[:, None] & lmask[None, :])
 
 
@@ -191,6 +207,17 @@ def _prepare(za, zb, row_cluster, col_cluster):
     return z, rc, cc
 
 
+def _check_rows(half: int, row_offset: int, row_count: int | None, n_pos: int | None) -> int:
+    """The number of local rows per half of a row subset, checked against the batch."""
+    n = half if row_count is None else row_count
+    if not (0 <= row_offset and 0 < n and row_offset + n <= half):
+        raise ValueError(f"row subset [{row_offset}, {row_offset} + {n}) does not fit a batch "
+                         f"of {half}")
+    if n_pos is not None and n_pos != n:
+        raise ValueError(f"pos must hold {n} positives (one per local row), got {n_pos}")
+    return n
+
+
 def contrastive_lse_forward(
     za: torch.Tensor,
     zb: torch.Tensor,
@@ -199,38 +226,44 @@ def contrastive_lse_forward(
     col_cluster: torch.Tensor | None,
     inv_tau: float,
     *,
+    row_offset: int = 0,
+    row_count: int | None = None,
     block_r: int | None = None,
     block_c: int | None = None,
     splits: int | None = None,
     fixed_shift: bool | None = None,
 ) -> torch.Tensor:
-    """Per-row lse [2B] (float32) of the fused contrastive loss; see the module docstring.
+    """Per-row lse [2 row_count] (float32) of the fused contrastive loss; see the module
+    docstring.
 
     Args:
         za, zb: the two halves of Z (unit or zero rows), ``[B, L]`` each, fp32/fp16/bf16.
-        pos: positive logits ``[B]`` (already divided by tau). row_cluster, col_cluster:
-            int ``[2B]`` or both None. inv_tau: 1 / tau.
+        pos: positive logits ``[row_count]`` (already divided by tau). row_cluster,
+            col_cluster: int ``[2B]`` or both None. inv_tau: 1 / tau.
+        row_offset, row_count: the rows computed, ``row_offset + [0, row_count)`` of each
+            half (default: every row; the distributed losses pass one rank's rows).
         block_r, block_c, splits, fixed_shift: tiling overrides (tests, tuning).
 
     Returns:
-        float32 ``[2B]``.
+        float32 ``[2 row_count]``: the student rows, then their teacher rows.
     """
     z, rc, cc = _prepare(za, zb, row_cluster, col_cluster)
     total, length = z.shape
+    n_loc = _check_rows(za.shape[0], row_offset, row_count, pos.shape[0])
     bl, br, bc, warps = _blocks(length, z.device, block_r, block_c)
-    n_rt, n_ct = triton.cdiv(total, br), triton.cdiv(total, bc)
+    n_rt, n_ct = triton.cdiv(2 * n_loc, br), triton.cdiv(total, bc)
     n_split = _splits(n_rt, n_ct, z.device, splits)
     cols_per_split = triton.cdiv(n_ct, n_split) * bc
     n_split = triton.cdiv(total, cols_per_split)
     if fixed_shift is None:
         fixed_shift = 2.0 * inv_tau < FIXED_SHIFT_LIMIT[torch.float32]  # fp32 kernels
-    m = torch.empty(n_split, total, dtype=torch.float32, device=z.device)
+    m = torch.empty(n_split, 2 * n_loc, dtype=torch.float32, device=z.device)
     lsum = torch.empty_like(m)
     pos = pos.float().contiguous()
     scale = inv_tau * LOG2E
     _contrastive_lse_fwd_kernel[(n_rt, n_split)](
         z, pos, rc if rc is not None else pos, cc if cc is not None else pos, m, lsum,
-        total, za.shape[0], length, z.stride(0), cols_per_split, scale,
+        total, za.shape[0], length, z.stride(0), cols_per_split, scale, row_offset, n_loc,
         HAS_CL=rc is not None, FIXED_SHIFT=bool(fixed_shift),
         BLOCK_R=br, BLOCK_C=bc, BLOCK_L=bl, DOT_PRECISION=dot_precision(),
         num_warps=warps,
@@ -251,16 +284,21 @@ def contrastive_lse_backward(
     inv_tau: float,
     grad_rows: int,
     *,
+    row_offset: int = 0,
+    row_count: int | None = None,
     block_r: int | None = None,
     block_c: int | None = None,
     splits: int | None = None,
 ) -> torch.Tensor:
     """Gradient [grad_rows, L] (float32) of ``sum(grad_lse * lse)`` w.r.t. the first
-    ``grad_rows`` rows of ``[za; zb]``, recomputing the logits tile by tile."""
+    ``grad_rows`` rows of ``[za; zb]`` (with ``row_offset`` / ``row_count``: of the local rows,
+    as the forward; ``grad_lse`` and ``lse`` stay the global [2B] vectors), recomputing the
+    logits tile by tile."""
     z, rc, cc = _prepare(za, zb, row_cluster, col_cluster)
     total, length = z.shape
-    if not 0 < grad_rows <= total:
-        raise ValueError(f"grad_rows must be in [1, {total}], got {grad_rows}")
+    n_loc = _check_rows(za.shape[0], row_offset, row_count, None)
+    if not 0 < grad_rows <= 2 * n_loc:
+        raise ValueError(f"grad_rows must be in [1, {2 * n_loc}], got {grad_rows}")
     bl, br, bc, warps = _blocks(length, z.device, block_r, block_c)
     n_rt, n_ct = triton.cdiv(grad_rows, br), triton.cdiv(total, bc)
     n_split = _splits(n_rt, n_ct, z.device, splits)
@@ -272,7 +310,7 @@ def contrastive_lse_backward(
     _contrastive_lse_bwd_kernel[(n_rt, n_split)](
         z, lse, g, rc if rc is not None else g, cc if cc is not None else g, dz,
         total, za.shape[0], grad_rows, length, z.stride(0), cols_per_split,
-        inv_tau * LOG2E, inv_tau,
+        inv_tau * LOG2E, inv_tau, row_offset, n_loc,
         HAS_CL=rc is not None, BLOCK_R=br, BLOCK_C=bc, BLOCK_L=bl,
         DOT_PRECISION=dot_precision(), num_warps=warps,
     )

@@ -13,6 +13,10 @@ Ops (inputs are validated by :mod:`fasthash.functional`, not here):
   and ``fasthash::masked_similarity_grad(grad, x, y, ...) -> dS/dx`` (y via swapped roles).
 * ``fasthash::contrastive_lse(za, zb, pos, row_cluster, col_cluster, inv_tau) -> lse [2B]``
   and ``fasthash::contrastive_lse_backward(grad_lse, za, zb, lse, ..., grad_rows) -> dZ``.
+* ``fasthash::contrastive_lse_rows(za, zb, pos, ..., inv_tau, row_offset, row_count)`` and
+  ``fasthash::contrastive_lse_rows_backward``: the same for one rank's rows of the gathered
+  global batch (the distributed losses, :mod:`fasthash.distributed`); no autograd formula (the
+  caller's ``autograd.Function`` gathers the global ``grad_lse`` first).
 """
 
 # no `from __future__ import annotations`: custom_op infers its schema from real type hints
@@ -226,3 +230,79 @@ def _lse_backward(ctx, grad):
 
 
 contrastive_lse.register_autograd(_lse_backward, setup_context=_lse_setup)
+
+
+# --------------------------------------------------------------------------- row subsets
+
+
+@torch.library.custom_op("fasthash::contrastive_lse_rows", mutates_args=())
+def contrastive_lse_rows(
+    za: Tensor,
+    zb: Tensor,
+    pos: Tensor,
+    row_cluster: Tensor | None,
+    col_cluster: Tensor | None,
+    inv_tau: float,
+    row_offset: int,
+    row_count: int,
+) -> Tensor:
+    """lse [2 row_count] of the rows ``row_offset + [0, row_count)`` of each half of the global
+    ``[za; zb]`` against every global column; ``pos`` holds their ``row_count`` positives."""
+    return blocked.contrastive_lse_cpu(za, zb, pos, row_cluster, col_cluster, inv_tau,
+                                       row_offset=row_offset, row_count=row_count)
+
+
+@contrastive_lse_rows.register_fake
+def _(za, zb, pos, row_cluster, col_cluster, inv_tau, row_offset, row_count):
+    return za.new_empty((2 * row_count,), dtype=blocked.compute_dtype(za, zb, pos))
+
+
+@torch.library.register_kernel("fasthash::contrastive_lse_rows", "cuda")
+def _(za, zb, pos, row_cluster, col_cluster, inv_tau, row_offset, row_count):
+    if not _use_triton("contrastive_lse", za.shape[1], za, zb, pos):
+        return blocked.contrastive_lse_cpu(za, zb, pos, row_cluster, col_cluster, inv_tau,
+                                           row_offset=row_offset, row_count=row_count)
+    from .contrastive_triton import contrastive_lse_forward
+
+    return contrastive_lse_forward(za, zb, pos, row_cluster, col_cluster, inv_tau,
+                                   row_offset=row_offset, row_count=row_count)
+
+
+@torch.library.custom_op("fasthash::contrastive_lse_rows_backward", mutates_args=())
+def contrastive_lse_rows_backward(
+    grad_lse: Tensor,
+    za: Tensor,
+    zb: Tensor,
+    lse: Tensor,
+    row_cluster: Tensor | None,
+    col_cluster: Tensor | None,
+    inv_tau: float,
+    row_offset: int,
+    row_count: int,
+    grad_rows: int,
+) -> Tensor:
+    """Gradient [grad_rows, L] of ``sum(grad_lse * lse)`` (both global [2B]) w.r.t. the first
+    ``grad_rows`` local rows (``row_count`` student rows, then their teacher rows)."""
+    return blocked.contrastive_lse_backward_cpu(
+        grad_lse, za, zb, lse, row_cluster, col_cluster, inv_tau, grad_rows,
+        row_offset=row_offset, row_count=row_count,
+    )
+
+
+@contrastive_lse_rows_backward.register_fake
+def _(grad_lse, za, zb, lse, row_cluster, col_cluster, inv_tau, row_offset, row_count,
+      grad_rows):
+    return za.new_empty((grad_rows, za.shape[1]), dtype=blocked.compute_dtype(za, zb, lse))
+
+
+@torch.library.register_kernel("fasthash::contrastive_lse_rows_backward", "cuda")
+def _(grad_lse, za, zb, lse, row_cluster, col_cluster, inv_tau, row_offset, row_count,
+      grad_rows):
+    kw = dict(row_offset=row_offset, row_count=row_count)
+    if not _use_triton("contrastive_lse", za.shape[1], za, zb, lse):
+        return blocked.contrastive_lse_backward_cpu(
+            grad_lse, za, zb, lse, row_cluster, col_cluster, inv_tau, grad_rows, **kw
+        )
+    from .contrastive_triton import contrastive_lse_backward as launch
+
+    return launch(grad_lse, za, zb, lse, row_cluster, col_cluster, inv_tau, grad_rows, **kw)
