@@ -4,20 +4,27 @@ Every subcommand takes ``--config`` (a preset name or YAML file), a few common f
 ``--set dotted.key=value`` overrides (values parsed as YAML), then calls :mod:`brcd.task`.
 A user error (bad option, config, path or file) is one ``error: ...`` line on stderr and exit
 status 2 (:mod:`brcd.errors`); ``--debug`` shows its traceback instead.
+
+Under torchrun (``torchrun --nproc_per_node N -m brcd train-teacher|distill ...``, also with
+``--nnodes``) those two commands train on every rank (:mod:`brcd.dist`), and ``evaluate`` /
+``encode`` encode a shard of the images on each rank; rank 0 alone prints, logs and writes.
+The other commands (build-masks, demo) run in a single process and refuse torchrun.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from . import dist
 from .config import Config, list_presets, load_config, parse_yaml
 from .data import DATASETS
-from .errors import Parser, guarded
+from .errors import USER_ERRORS, Parser, guarded, one_line
 from .files import check_output, write_atomic
 from .losses import METHODS
 from .masks import CONVENTIONS
@@ -58,6 +65,10 @@ def _stage_flags(p: argparse.ArgumentParser, stage: str) -> None:
                    f"{stage} backbone ({stage}.model.weights)")
     g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     g.add_argument("--resume", help=f"continue from a {stage}_last.pt checkpoint")
+    g.add_argument("--dist-timeout", type=float, default=dist.DEFAULT_TIMEOUT, metavar="SECONDS",
+                   help="under torchrun: how long a rank waits for the others in a step before "
+                   f"the job fails (default {dist.DEFAULT_TIMEOUT:.0f}; rank 0's one-off work, "
+                   f"the view cache, may take {dist.SOLO_FACTOR} times it)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,10 +178,13 @@ def _encode(cfg: Config, args: argparse.Namespace, progress: bool) -> None:
                                       out.with_suffix(".labels.npy"))]
     for t in targets:  # before any work: a bad --output fails at once
         check_output(t, "--output")
-    task.resolve_device(cfg.device)
+    d = dist.current()  # under torchrun: each rank encodes a shard, rank 0 writes
+    device = d.device if d.enabled else task.resolve_device(cfg.device)
     images = getattr(D.make_splits(cfg.data, cfg.seed), args.split)
-    codes = task.encode(args.checkpoint, images, cfg.data.view_size, cfg.device,
-                        bits=cfg.bits).numpy()
+    codes = task.encode(args.checkpoint, images, cfg.data.view_size, device,
+                        bits=cfg.bits, dist=d).numpy()
+    if not d.main:
+        return
     for t, arr in zip(targets, (codes.astype(np.int8), pack_codes(codes), images.labels),
                       strict=True):
         write_atomic(t, lambda tmp, a=arr: _save_npy(tmp, a))
@@ -194,6 +208,8 @@ def _evaluate(cfg: Config, args: argparse.Namespace, progress: bool) -> None:
         check_output(args.json_out, "--json")
     res = task.evaluate(cfg, student=args.student, teacher=args.teacher, progress=progress,
                         with_teacher=not args.sshp_only)
+    if not dist.current().main:  # under torchrun rank 0 prints and writes
+        return
     print(json.dumps(res))
     if args.json_out:
         write_atomic(args.json_out, lambda tmp: tmp.write_text(json.dumps(res, indent=2)))
@@ -206,7 +222,9 @@ def _stage(name: str, **flags: str):
         from . import task
 
         kwargs = {k: getattr(args, dest) for k, dest in flags.items()}
-        print(getattr(task, name)(cfg, progress=progress, **kwargs))
+        result = getattr(task, name)(cfg, progress=progress, **kwargs)
+        if dist.current().main:
+            print(result)
     return run
 
 
@@ -220,15 +238,81 @@ _COMMANDS = {
 }
 
 
+# the commands that run under torchrun: training on every rank's share of each batch,
+# evaluate / encode on every rank's shard of the images
+_DISTRIBUTED = ("train-teacher", "distill", "evaluate", "encode")
+
+
+def _rank0_error(msg: str) -> int:
+    """A failure every rank meets alike (before any collective): rank 0 alone says so."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"error: {msg}", file=sys.stderr)
+    return 2
+
+
+def _distributed(args: argparse.Namespace, stage: str, handler) -> int:
+    """Run ``handler`` as one rank of a torchrun job: init, train, leave the job."""
+    try:
+        cfg = load_config(args.config, _overrides(args, stage))
+        if stage:
+            key = f"{stage}.train.batch_size"
+            dist.check_divisible(getattr(cfg, stage).train.batch_size, key,
+                                 dist.env_world_size())
+        from .stages.encode import resolve_device
+
+        device = resolve_device(cfg.device)
+    except USER_ERRORS as exc:
+        if args.debug:
+            raise
+        return _rank0_error(one_line(exc))
+    rank = os.environ.get("RANK")
+
+    def run() -> None:
+        dist.init(device, getattr(args, "dist_timeout", dist.DEFAULT_TIMEOUT))
+        try:
+            handler(cfg, args, not args.quiet)
+        finally:
+            dist.shutdown()
+    try:
+        return guarded(run, args.debug, prefix=f"[rank {rank}] " if rank != "0" else "")
+    except RuntimeError as exc:  # another rank died or stopped answering
+        if args.debug or not _collective_failure(exc):
+            raise
+        print(f"error: [rank {rank}] the torchrun job failed: another rank stopped, or a "
+              f"collective waited longer than the timeout "
+              f"({getattr(args, 'dist_timeout', dist.DEFAULT_TIMEOUT):g}s) "
+              f"({one_line(exc)})", file=sys.stderr)
+        return 1
+
+
+def _collective_failure(exc: RuntimeError) -> bool:
+    """Whether ``exc`` is a failed or timed-out collective (gloo raises plain RuntimeErrors)."""
+    import torch.distributed
+
+    msg = str(exc).lower()
+    return isinstance(exc, torch.distributed.DistError) or any(
+        s in msg for s in ("gloo", "nccl", "connection closed", "timed out", "collective"))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit status: 0, or 2 on a user error (one ``error:`` line on
-    stderr; ``--debug`` raises it instead, see :mod:`brcd.errors`)."""
+    stderr; ``--debug`` raises it instead, see :mod:`brcd.errors`). Under torchrun
+    ``train-teacher``, ``distill``, ``evaluate`` and ``encode`` run on every rank; the others
+    refuse."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if dist.launched() and (not argv or argv[0] not in _DISTRIBUTED):
+        cmd = argv[0] if argv else "<command>"
+        return _rank0_error(
+            f"'python -m brcd {cmd}' does not run under torchrun (only "
+            f"{', '.join(_DISTRIBUTED)} do); run it in a single process, without torchrun: "
+            f"checkpoints written under torchrun load there as usual")
     if argv and argv[0] == "demo":
         from . import demo
 
         return demo.main(argv[1:])
     args = build_parser().parse_args(argv)
     stage, handler = _COMMANDS[args.cmd]
+    if dist.launched():
+        return _distributed(args, stage, handler)
     return guarded(lambda: handler(load_config(args.config, _overrides(args, stage)), args,
                                    not args.quiet), args.debug)

@@ -30,14 +30,14 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {one_line(message)} (see {self.prog} --help)\n")
 
 
-def guarded(run: Callable[[], object], debug: bool = False) -> int:
+def guarded(run: Callable[[], object], debug: bool = False, prefix: str = "") -> int:
     """Call ``run()``; return 0, or 2 after printing a user error as one line (``debug``:
-    re-raise it)."""
+    re-raise it); ``prefix`` starts the message (a torchrun rank's ``"[rank 1] "``)."""
     try:
         run()
     except USER_ERRORS as exc:
         if debug:
             raise
-        print(f"error: {one_line(exc)}", file=sys.stderr)
+        print(f"error: {prefix}{one_line(exc)}", file=sys.stderr)
         return 2
     return 0

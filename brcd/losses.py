@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 import fasthash
 from fasthash import reference
 
+from .dist import gather_with_grad
 from .masks import assign_clusters
 from .models import HashOutput
 
@@ -48,9 +50,11 @@ __all__ = [
 
 
 # ---- the three adapters: the only places that choose between reference and fused ops -------
-def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.3) -> torch.Tensor:
-    """NT-Xent over two views: fasthash.nt_xent_loss (= reference.nt_xent_ref)."""
-    return fasthash.nt_xent_loss(z1, z2, temperature)
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.3,
+            group: Any = None) -> torch.Tensor:
+    """NT-Xent over two views: fasthash.nt_xent_loss (= reference.nt_xent_ref); with a process
+    ``group``, over every rank's rows (each rank passes its own; see :mod:`brcd.dist`)."""
+    return fasthash.nt_xent_loss(z1, z2, temperature, group=group)
 
 
 def masked_similarity(x: torch.Tensor, y: torch.Tensor, mask_x: torch.Tensor | None = None,
@@ -62,12 +66,13 @@ def masked_similarity(x: torch.Tensor, y: torch.Tensor, mask_x: torch.Tensor | N
 def brcd_term(student: torch.Tensor, teacher_same_view: torch.Tensor,
               teacher_other_view: torch.Tensor, mask_table: torch.Tensor | None,
               cluster_ids: torch.Tensor | None, aug_cluster_ids: torch.Tensor | None,
-              alpha: float, temperature: float) -> torch.Tensor:
-    """The BRCD term: fasthash.brcd_contrastive_loss (= reference.brcd_loss_ref)."""
+              alpha: float, temperature: float, group: Any = None) -> torch.Tensor:
+    """The BRCD term: fasthash.brcd_contrastive_loss (= reference.brcd_loss_ref); with a process
+    ``group``, over every rank's rows (teacher codes and cluster ids gathered too)."""
     return fasthash.brcd_contrastive_loss(
         student, teacher_same_view, teacher_other_view, mask_table=mask_table,
         cluster_ids=cluster_ids, aug_cluster_ids=aug_cluster_ids, alpha=alpha,
-        temperature=temperature)
+        temperature=temperature, group=group)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -77,12 +82,16 @@ def bernoulli_kl(p1: torch.Tensor, p2: torch.Tensor) -> torch.Tensor:
 
 
 def cibhash_loss(out1: HashOutput, out2: HashOutput, temperature: float = 0.3,
-                 kl_weight: float = 0.001) -> tuple[torch.Tensor, dict[str, float]]:
+                 kl_weight: float = 0.001, group: Any = None
+                 ) -> tuple[torch.Tensor, dict[str, float]]:
     """CIBHash-style own loss of a hashing model on two views (BRCD_SPEC §2).
 
     Args:
         out1, out2: model outputs of view 1 and view 2 of the same B images.
         temperature: NT-Xent tau. kl_weight: lambda_KL.
+        group: a process group: NT-Xent over every rank's rows; the KL term is this rank's
+            mean (DDP's gradient average makes it the global batch's). ``"ntxent"`` is then the
+            global value, ``"kl"`` this rank's.
 
     Shape:
         codes and probs ``[B, L]`` -> scalar.
@@ -96,7 +105,7 @@ def cibhash_loss(out1: HashOutput, out2: HashOutput, temperature: float = 0.3,
         >>> loss, parts = cibhash_loss(m(x), m(x.flip(-1))); loss.ndim
         0
     """
-    nt = nt_xent(out1.codes, out2.codes, temperature)
+    nt = nt_xent(out1.codes, out2.codes, temperature, group)
     kl = bernoulli_kl(out1.probs.float(), out2.probs.float())
     return nt + kl_weight * kl, {"ntxent": float(nt.detach()), "kl": float(kl.detach())}
 
@@ -114,6 +123,7 @@ def brcd_distill_loss(
     use_mask: bool = True,
     offset_positive: bool = True,
     false_negative: bool = True,
+    group: Any = None,
 ) -> torch.Tensor:
     """``L_BRCD`` with each robust component switchable (BRCD_SPEC §3-5).
 
@@ -130,6 +140,8 @@ def brcd_distill_loss(
         teacher_other_view: t' (view 2). mask_table: ``[C, L]`` {0,1} or None.
         cluster_ids: c ``[B]`` int64 or None. aug_cluster_ids: ĉ ``[B]`` (nearest centroid of
         the unmasked t') or None. alpha, temperature: as in the spec.
+        group: a process group: the term over every rank's rows, each rank passing its own B
+            rows (the per-sample ids and masks of ``false_negative=False`` are global then).
 
     Returns:
         the scalar loss.
@@ -137,22 +149,26 @@ def brcd_distill_loss(
     bsz, length = student.shape
     if cluster_ids is None:  # no clusters: plain (optionally one global mask) contrastive term
         return brcd_term(student, teacher_same_view, teacher_other_view, mask_table, None, None,
-                         alpha, temperature)
+                         alpha, temperature, group)
+    c = cluster_ids.long()
+    c_all = c if group is None or (false_negative and mask_table is not None and use_mask) \
+        else gather_with_grad(c, group)  # every rank's ids (the tables below index them)
     if mask_table is None or not use_mask:
         n_c = 1 if mask_table is None else mask_table.shape[0]
-        mask_table = torch.ones(max(n_c, int(cluster_ids.max()) + 1), length,
+        mask_table = torch.ones(max(n_c, int(c_all.max()) + 1), length,
                                 device=student.device)
-    c = cluster_ids.long()
     c_hat = c if (aug_cluster_ids is None or not offset_positive) else aug_cluster_ids.long()
     if false_negative:
         return brcd_term(student, teacher_same_view, teacher_other_view, mask_table, c, c_hat,
-                         alpha, temperature)
-    rows = torch.arange(bsz, device=student.device)
-    per_sample = mask_table.to(student.device)[c]
+                         alpha, temperature, group)
+    n_all = c_all.shape[0]  # rows of the global batch; this rank's start at rank * bsz
+    start = 0 if group is None else torch.distributed.get_rank(group) * bsz
+    rows = torch.arange(start, start + bsz, device=student.device)
+    per_sample = mask_table.to(student.device)[c_all]
     table = torch.cat([per_sample, per_sample], dim=0)
-    ids_aug = torch.where(c_hat != c, rows + bsz, rows)
+    ids_aug = torch.where(c_hat != c, rows + n_all, rows)
     return brcd_term(student, teacher_same_view, teacher_other_view, table, rows, ids_aug,
-                     alpha, temperature)
+                     alpha, temperature, group)
 
 
 def kd_codes_loss(student: HashOutput, teacher_codes: torch.Tensor) -> torch.Tensor:
@@ -193,6 +209,9 @@ class KDBatch:
         without masks). mask_table: ``[C, L]`` {0,1}; centroids: ``[C, L]`` (None without
         masks). temperature: tau of the contrastive terms. options: the run's
         :class:`brcd.config.DistillConfig` (alpha, ablation switches, ``symmetric``).
+        group: the process group of a torchrun job (None in a single process): each tensor
+        holds this rank's rows, and a term over pairs of rows must see every rank's
+        (:func:`brcd.dist.gather_with_grad`, or ``group=`` of the fused losses).
     """
 
     s1: HashOutput
@@ -204,6 +223,7 @@ class KDBatch:
     centroids: torch.Tensor | None
     temperature: float
     options: object
+    group: Any = None
 
 
 KDLoss = Callable[[KDBatch], torch.Tensor]
@@ -283,14 +303,17 @@ def _kd_codes(b: KDBatch) -> torch.Tensor:
 @register_method("sp", label="SP", weight=3000.0, shares_teacher_space=False,
                  help="similarity-preserving KD (Tung & Mori 2019)")
 def _sp(b: KDBatch) -> torch.Tensor:
-    return 0.5 * (sp_loss(b.s1.codes.float(), b.t1) + sp_loss(b.s2.codes.float(), b.t2))
+    s1, s2, t1, t2 = (gather_with_grad(x, b.group)
+                      for x in (b.s1.codes.float(), b.s2.codes.float(), b.t1, b.t2))
+    return 0.5 * (sp_loss(s1, t1) + sp_loss(s2, t2))
 
 
 @register_method("rkd", label="RKD", weight=25.0, shares_teacher_space=False,
                  help="distance-wise relational KD (Park et al. 2019)")
 def _rkd(b: KDBatch) -> torch.Tensor:
-    return 0.5 * (rkd_distance_loss(b.s1.codes.float(), b.t1)
-                  + rkd_distance_loss(b.s2.codes.float(), b.t2))
+    s1, s2, t1, t2 = (gather_with_grad(x, b.group)
+                      for x in (b.s1.codes.float(), b.s2.codes.float(), b.t1, b.t2))
+    return 0.5 * (rkd_distance_loss(s1, t1) + rkd_distance_loss(s2, t2))
 
 
 @register_method("brcd", label="BRCD", needs_masks=True, shares_teacher_space=True,
@@ -298,7 +321,8 @@ def _rkd(b: KDBatch) -> torch.Tensor:
 def _brcd(b: KDBatch) -> torch.Tensor:
     o = b.options
     opts = dict(alpha=o.alpha, temperature=b.temperature, use_mask=o.use_mask,
-                offset_positive=o.offset_positive, false_negative=o.false_negative)
+                offset_positive=o.offset_positive, false_negative=o.false_negative,
+                group=b.group)
     s1, s2 = b.s1.codes.float(), b.s2.codes.float()
     kd = brcd_distill_loss(s1, b.t1, b.t2, b.mask_table, b.cluster_ids,
                            assign_clusters(b.t2, b.centroids), **opts)

@@ -6,7 +6,9 @@ checkpoint without one (an older brcd's) is refused.
 
 The loop knows nothing about hashing: the stages (:mod:`brcd.stages`) give it a step function
 (batch → loss, parts), a per-epoch batch iterator (seeded by epoch, so a resumed run sees the
-same batches) and a validation function (→ ``{paradigm: mAP}``).
+same batches) and a validation function (→ ``{paradigm: mAP}``). In a torchrun job
+(:mod:`brcd.dist`) every rank runs the loop on its share of each batch, the logged losses are
+the means over ranks, and rank 0 alone writes checkpoints and the log.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import TrainConfig
+from .dist import Dist
 from .files import load_file, save_file
 
 __all__ = ["Trainer", "save_checkpoint", "load_checkpoint", "seed_everything"]
@@ -79,8 +82,9 @@ class Trainer:
         step_fn: ``batch -> (loss, {name: float})``, called under autocast on CUDA.
         batches: ``epoch -> iterable of batches``; ``steps_per_epoch`` its length.
         batch_images: images per step (for images/s).
-        validate: ``() -> {paradigm: mAP}`` or None. extra: saved in every checkpoint.
-        progress: show tqdm bars.
+        validate: ``() -> {paradigm: mAP}`` or None (the same scores on every rank).
+        extra: saved in every checkpoint. progress: show tqdm bars.
+        dist: the torchrun job (default: a single process); ``model`` is the unwrapped module.
     """
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, *, device: torch.device,
@@ -88,8 +92,9 @@ class Trainer:
                  step_fn: Callable[[Any], tuple[torch.Tensor, dict[str, float]]],
                  batches: Callable[[int], Iterable[Any]], steps_per_epoch: int, batch_images: int,
                  validate: Callable[[], dict[str, float]] | None, extra: dict[str, Any],
-                 progress: bool = True) -> None:
+                 progress: bool = True, dist: Dist | None = None) -> None:
         self.model, self.cfg, self.device = model, cfg, device
+        self.dist = dist or Dist()
         self.out_dir, self.tag = Path(out_dir), tag
         self.step_fn, self.batches, self.validate = step_fn, batches, validate
         self.steps_per_epoch, self.batch_images = steps_per_epoch, batch_images
@@ -145,10 +150,19 @@ class Trainer:
                 f"train.epochs={self.cfg.epochs}; nothing is left to train into "
                 f"{str(self.out_dir)!r} (raise --epochs to train on)")
 
+    def _write(self, epoch: int, rec: dict[str, Any]) -> None:
+        save_checkpoint(self._state(epoch), self.path("last"))
+        if self.cfg.keep_epochs:
+            save_checkpoint(self._state(epoch), self.path(f"epoch{epoch}"))
+        with open(self.log_path, "a") as fh:
+            fh.write(json.dumps(rec) + "\n")
+
     # -- loop -----------------------------------------------------------------------------
     def fit(self) -> list[dict[str, Any]]:
         """Train from ``start_epoch`` to ``cfg.epochs``; returns one record per epoch."""
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        main = self.dist.main
+        if main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
         amp = (torch.autocast("cuda", dtype=torch.bfloat16) if self.use_amp else nullcontext())
         for epoch in range(self.start_epoch, self.cfg.epochs):
             self.model.train()
@@ -158,7 +172,11 @@ class Trainer:
             for batch in self.batches(epoch):
                 with amp:
                     loss, parts = self.step_fn(batch)
-                if not torch.isfinite(loss):
+                shown = float(loss.detach())
+                if self.dist.enabled:  # the same values on every rank: all stop together
+                    shown, *means = self.dist.mean([shown, *parts.values()])
+                    parts = dict(zip(parts, means, strict=True))
+                if not math.isfinite(shown):
                     raise FloatingPointError(f"{self.tag}: non-finite loss at epoch {epoch}")
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -167,7 +185,7 @@ class Trainer:
                 self.opt.step()
                 if self.sched:
                     self.sched.step()
-                losses.append(float(loss.detach()))
+                losses.append(shown)
                 for k, v in parts.items():
                     parts_sum[k] = parts_sum.get(k, 0.0) + v
                 n_img += self.batch_images
@@ -190,13 +208,11 @@ class Trainer:
                 for k, v in scores.items():
                     if v > self.best.get(k, -1.0):
                         self.best[k] = v
-                        save_checkpoint(self._state(epoch), self.path(f"best_{k}"))
-            save_checkpoint(self._state(epoch), self.path("last"))
-            if self.cfg.keep_epochs:
-                save_checkpoint(self._state(epoch), self.path(f"epoch{epoch}"))
+                        if main:
+                            save_checkpoint(self._state(epoch), self.path(f"best_{k}"))
             rec["step_losses"] = losses
-            with open(self.log_path, "a") as fh:
-                fh.write(json.dumps(rec) + "\n")
+            if main:
+                self._write(epoch, rec)
             self.history.append(rec)
             if self.progress:
                 shown = {k: v for k, v in rec.items() if k != "step_losses"}

@@ -11,6 +11,7 @@ import torch
 
 from ..config import Config, DataConfig, config_to_dict
 from ..data import Splits, make_splits
+from ..dist import Dist, current
 from ..files import check_folder
 
 __all__ = ["Context", "OwnLoss", "make_context"]
@@ -26,6 +27,8 @@ class Context:
         out_dir: checkpoints and logs. cache_dir: the view cache folder. topk: K of the
         validation mAP@K. record: the run's config as a dict, stored in every checkpoint.
         progress: show logs and progress bars. logger: where log lines go (default print).
+        dist: the torchrun job this process is a rank of (:mod:`brcd.dist`; default a single
+        process).
     """
 
     splits: Splits
@@ -38,6 +41,7 @@ class Context:
     record: dict[str, Any] = field(default_factory=dict)
     progress: bool = True
     logger: Callable[[str], None] | None = None
+    dist: Dist = field(default_factory=Dist)
 
     def log(self, msg: str) -> None:
         """Log ``msg`` when ``progress`` is on."""
@@ -67,6 +71,9 @@ def make_context(cfg: Config, progress: bool = True, splits: Splits | None = Non
         splits: ``make_splits(cfg.data, cfg.seed)`` when None (pass them to skip the reload).
         logger: where log lines go (default print).
 
+    In a torchrun job (:func:`brcd.dist.init` ran) the device is the rank's and only rank 0
+    shows logs and progress.
+
     Returns:
         the :class:`Context` every stage of the run shares.
     """
@@ -80,8 +87,9 @@ def make_context(cfg: Config, progress: bool = True, splits: Splits | None = Non
         check_folder(cfg.cache_dir, "cache_dir")
     if splits is None:
         splits = make_splits(cfg.data, cfg.seed)
+    d = current()
     return Context(splits=splits, data=cfg.data, seed=cfg.seed,
-                   device=resolve_device(cfg.device), out_dir=out,
+                   device=d.device if d.enabled else resolve_device(cfg.device), out_dir=out,
                    cache_dir=Path(cfg.cache_dir) if cfg.cache_dir else out / "cache",
-                   topk=cfg.topk, record=config_to_dict(cfg), progress=progress,
-                   logger=logger)
+                   topk=cfg.topk, record=config_to_dict(cfg), progress=progress and d.main,
+                   logger=logger, dist=d)

@@ -4,7 +4,9 @@ The student seed (``distill.seed``) drives only the student (init, batch order, 
 fresh views); the split, view bank and teacher stay those of the run seed. With a view cache
 (``student.train.cache_views`` and a frozen teacher backbone) the teacher's codes of every bank
 view are computed once; a step feeds the student the SAME bank images whose teacher codes it
-uses. Without one, the teacher encodes the student's fresh views in the same step.
+uses. Without one, the teacher encodes the student's fresh views in the same step. In a
+torchrun job each rank takes its share of every global batch (and the teacher codes only its
+rows); the losses see the global batch (:mod:`brcd.dist`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 
 from .. import data as D
 from ..config import Config, DistillConfig, StageConfig
+from ..dist import check_divisible, sync_batchnorm
 from ..losses import METHODS, KDBatch, cibhash_loss
 from ..masks import ClusterMasks
 from ..models import HashModel
@@ -96,7 +99,7 @@ def _teacher(inp: DistillInput, ctx: Context) -> _Teacher | None:
 
 def _batches(inp: DistillInput, ctx: Context, t: _Teacher | None, sseed: int):
     """``epoch -> iterator of (x1, x2, idx, t1, t2)`` and the view cache (or None)."""
-    st, n = inp.student, len(ctx.splits.train)
+    st, n, d = inp.student, len(ctx.splits.train), ctx.dist
     bs, nv, steps = st.train.batch_size, st.train.cache_views, st.train.steps_per_epoch
     use_bank = bool(nv) and t is not None and t.spec["freeze_backbone"]
     if nv and not use_bank and t is not None:
@@ -110,7 +113,7 @@ def _batches(inp: DistillInput, ctx: Context, t: _Teacher | None, sseed: int):
 
         def batches(epoch):
             for idx, v1, v2 in V.index_batches(n, batch_size=bs, epoch=epoch, seed=sseed,
-                                               n_views=nv, steps=steps):
+                                               n_views=nv, steps=steps, dist=d):
                 yield (cache.views[idx, v1], cache.views[idx, v2], idx, tcodes[idx, v1],
                        tcodes[idx, v2])
         return batches, cache
@@ -120,7 +123,7 @@ def _batches(inp: DistillInput, ctx: Context, t: _Teacher | None, sseed: int):
 
     def batches(epoch):
         for x1, x2, idx in V.fresh_batches(base, batch_size=bs, epoch=epoch, steps=steps,
-                                           seed=sseed, mode=ctx.data.augment):
+                                           seed=sseed, mode=ctx.data.augment, dist=d):
             t1 = t2 = None
             if coded:
                 with torch.no_grad():
@@ -138,18 +141,19 @@ def _step_fn(inp: DistillInput, ctx: Context, fwd, t: _Teacher | None):
     ids = m.train_cluster_ids.to(device) if m is not None else None
     table = m.mask_table.to(device) if m is not None else None
     centroids = m.centroids.to(device) if m is not None else None
+    group = ctx.dist.group
 
     def step(batch):
         x1, x2, idx, t1, t2 = batch
         s1 = fwd(D.prepare_batch(x1, size, device, cl))
         s2 = fwd(D.prepare_batch(x2, size, device, cl))
-        loss, parts = cibhash_loss(s1, s2, own.temperature, own.kl_weight)
+        loss, parts = cibhash_loss(s1, s2, own.temperature, own.kl_weight, group)
         if method.kd_loss is None:
             return loss, parts
         kd = method.kd_loss(KDBatch(
             s1=s1, s2=s2, t1=t1.to(device).float(), t2=t2.to(device).float(),
             cluster_ids=ids[idx.to(device)] if ids is not None else None, mask_table=table,
-            centroids=centroids, temperature=own.temperature, options=dc))
+            centroids=centroids, temperature=own.temperature, options=dc, group=group))
         parts["own"], parts["kd"] = float(loss.detach()), float(kd.detach())
         return loss + weight * kd, parts
     return step
@@ -157,26 +161,31 @@ def _step_fn(inp: DistillInput, ctx: Context, fwd, t: _Teacher | None):
 
 def _validator(inp: DistillInput, ctx: Context, student: HashModel, t: _Teacher | None, cache):
     sp, vs, topk = ctx.splits, ctx.data.view_size, ctx.topk
-    size, device = inp.student.model.image_size, ctx.device
+    size, device, d = inp.student.model.image_size, ctx.device, ctx.dist
     t_db: list[torch.Tensor] = []  # the teacher's database codes, encoded once
 
-    def validate():
-        q = encode_images(student, sp.val, vs, size, device=device)
-        db = encode_images(student, sp.train, vs, size, device=device)
+    def validate():  # in a torchrun job each rank encodes a shard and rank 0 scores
+        q = encode_images(student, sp.val, vs, size, device=device, dist=d)
+        db = encode_images(student, sp.train, vs, size, device=device, dist=d)
+        if t is not None and not t_db:
+            t_db.append(head_codes(t.model, cache.det_feats, device, dist=d) if cache is not None
+                        else encode_images(t.model, sp.train, vs, t.spec["image_size"],
+                                           device=device, dist=d))
+        if not d.main:
+            return d.broadcast(None)
         res = {"sshp": retrieval_map(q, db, sp.val.labels, sp.train.labels, topk=topk)}
         if t is not None:
-            if not t_db:
-                t_db.append(head_codes(t.model, cache.det_feats, device) if cache is not None
-                            else encode_images(t.model, sp.train, vs, t.spec["image_size"],
-                                               device=device))
             res["ashp"] = retrieval_map(q, t_db[0], sp.val.labels, sp.train.labels,
                                        topk=topk)
-        return res
+        return d.broadcast(res)
     return validate
 
 
 def distill(inp: DistillInput, ctx: Context) -> DistillResult:
     """Train the student with ``inp.distill.method`` (see :data:`brcd.losses.METHODS`).
+
+    In a torchrun job (``ctx.dist``) each rank trains on its share of every global batch of
+    ``student.train.batch_size`` rows behind DistributedDataParallel (:mod:`brcd.dist`).
 
     Args:
         inp: the student's settings and teacher. ctx: the run context.
@@ -193,9 +202,12 @@ def distill(inp: DistillInput, ctx: Context) -> DistillResult:
     student = build_model(st.model, inp.bits, st.train.autocast).to(ctx.device)
     if st.train.channels_last:
         student.to(memory_format=torch.channels_last)
-    fwd = torch.compile(student) if st.train.compile else student
+    d = ctx.dist
+    fwd = d.wrap(sync_batchnorm(student, d))
+    fwd = torch.compile(fwd) if st.train.compile else fwd
     n, bs = len(ctx.splits.train), st.train.batch_size
     check_batch_size(n, bs, "student")
+    check_divisible(bs, "student.train.batch_size", d.world)
     batches, cache = _batches(inp, ctx, t, sseed)
     extra = {"kind": "student", "bits": inp.bits, "spec": model_spec(st.model, inp.bits),
              "config": ctx.record, "method": dc.method,
@@ -207,12 +219,13 @@ def distill(inp: DistillInput, ctx: Context) -> DistillResult:
                       batch_images=bs * 2,
                       validate=(_validator(inp, ctx, student, t, cache)
                                 if len(ctx.splits.val) else None),
-                      extra=extra, progress=ctx.progress)
+                      extra=extra, progress=ctx.progress, dist=d)
     if inp.resume:
         trainer.resume(inp.resume)
     history = trainer.fit()
     written = {w: trainer.path(w) for w in ("best_ashp", "best_sshp", "last")
                if trainer.path(w).is_file()}
+    written = d.broadcast(written)  # rank 0 wrote them (another node may not see the folder)
     if not written:
         raise ValueError("distill produced no checkpoint (student.train.epochs = 0?)")
     return DistillResult(next(iter(written.values())), written, history, dict(trainer.best))

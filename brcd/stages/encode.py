@@ -7,10 +7,12 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .. import data as D
 from ..config import ModelConfig
+from ..dist import Dist
 from ..models import HashModel, create_model
 from ..trainer import load_checkpoint
 
@@ -111,12 +113,17 @@ def encode_batches(model: HashModel, batches: Iterable[torch.Tensor], size: int,
 
 def encode_images(model: HashModel, images: D.ImageSet, view_size: int, image_size: int, *,
                   device: torch.device, batch_size: int = 256, num_workers: int = 0,
-                  features: bool = False) -> torch.Tensor:
-    """±1 codes (or backbone features) of the deterministic views of ``images``.
+                  features: bool = False, dist: Dist | None = None) -> torch.Tensor:
+    """±1 codes (or backbone features) of the deterministic views of ``images``; with a
+    torchrun ``dist``, each rank encodes its shard and every rank gets all the codes.
 
     Shape:
         -> ``[N, L]`` codes, or ``[N, D]`` features with ``features=True``.
     """
+    if dist is not None and dist.enabled:
+        return dist.sharded(len(images), lambda lo, hi: encode_images(
+            model, images.subset(np.arange(lo, hi)), view_size, image_size, device=device,
+            batch_size=batch_size, num_workers=num_workers, features=features))
     return encode_batches(model, D.eval_views(images, view_size, batch_size, num_workers),
                           image_size, device=device, features=features)
 
@@ -130,8 +137,12 @@ def encode_views(model: HashModel, views: torch.Tensor, size: int, *, batch: int
 
 @torch.no_grad()
 def head_codes(model: HashModel, feats: torch.Tensor, device: torch.device,
-               batch: int = 4096) -> torch.Tensor:
-    """±1 codes of cached backbone features ``[N, D]`` through the hash head (on the CPU)."""
+               batch: int = 4096, dist: Dist | None = None) -> torch.Tensor:
+    """±1 codes of cached backbone features ``[N, D]`` through the hash head (on the CPU);
+    with a torchrun ``dist``, each rank codes its shard and every rank gets all the codes."""
+    if dist is not None and dist.enabled:
+        return dist.sharded(len(feats), lambda lo, hi: head_codes(model, feats[lo:hi], device,
+                                                                  batch))
     was = model.training
     model.eval()
     out = [model.head_forward(feats[i:i + batch].to(device).float()).codes.cpu()
@@ -142,13 +153,14 @@ def head_codes(model: HashModel, feats: torch.Tensor, device: torch.device,
 
 def encode(checkpoint: str | Path | dict, images: D.ImageSet, view_size: int,
            device: str | torch.device = "auto", *, bits: int | None = None,
-           batch_size: int = 256) -> torch.Tensor:
+           batch_size: int = 256, dist: Dist | None = None) -> torch.Tensor:
     """The encode stage: ±1 codes ``[N, L]`` of ``images`` (deterministic view) by a checkpoint.
 
     Args:
         checkpoint: a teacher or student checkpoint (path or loaded dict).
         images: the images. view_size: ``data.view_size``. device: ``"auto"``, ``"cpu"``, ...
         bits: the expected code length (None: the checkpoint's). batch_size: images per batch.
+        dist: a torchrun job: each rank encodes a shard, every rank gets all the codes.
 
     Returns:
         float32 ±1 codes on the CPU.
@@ -159,7 +171,7 @@ def encode(checkpoint: str | Path | dict, images: D.ImageSet, view_size: int,
     model, spec = load_model(checkpoint, bits)
     dev = resolve_device(device)
     return encode_images(model.to(dev), images, view_size, spec["image_size"], device=dev,
-                         batch_size=batch_size)
+                         batch_size=batch_size, dist=dist)
 
 
 @torch.no_grad()

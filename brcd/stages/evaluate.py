@@ -51,20 +51,27 @@ class EvalInput:
 def evaluate(inp: EvalInput, ctx: Context) -> dict[str, float]:
     """Test-protocol mAP@``ctx.topk``: the query split against the database split.
 
+    In a torchrun job (``ctx.dist``) each rank encodes a shard of the query and database
+    splits; rank 0 scores the gathered codes and every rank returns its scores.
+
     Args:
         inp: the checkpoints. ctx: the run context.
 
     Returns:
         ``{"teacher": T/T, "sshp": S/S, "ashp": S query vs T database}`` for the models given.
     """
-    sp, vs, dev, k = ctx.splits, ctx.data.view_size, ctx.device, ctx.topk
+    sp, vs, dev, k, d = ctx.splits, ctx.data.view_size, ctx.device, ctx.topk, ctx.dist
     ql, dl = sp.query.labels, sp.database.labels
 
     def codes(ckpt):
         model, spec = load_model(ckpt, inp.bits)
         model.to(dev)
-        return (encode_images(model, sp.query, vs, spec["image_size"], device=dev),
-                encode_images(model, sp.database, vs, spec["image_size"], device=dev))
+        return (encode_images(model, sp.query, vs, spec["image_size"], device=dev, dist=d),
+                encode_images(model, sp.database, vs, spec["image_size"], device=dev, dist=d))
+
+    def score(q, db, q_labels, db_labels, *, topk):  # once, by rank 0 in a torchrun job
+        return d.broadcast(retrieval_map(q, db, q_labels, db_labels, topk=topk) if d.main
+                           else None)
 
     res: dict[str, float] = {}
     sq = None
@@ -72,15 +79,15 @@ def evaluate(inp: EvalInput, ctx: Context) -> dict[str, float]:
     if inp.student is not None:
         s_ckpt = load_checkpoint(inp.student)
         sq, sdb = codes(s_ckpt)
-        res["sshp"] = retrieval_map(sq, sdb, ql, dl, topk=k)
+        res["sshp"] = score(sq, sdb, ql, dl, topk=k)
         tp = s_ckpt.get("teacher_path")
         if teacher is None and inp.with_teacher and tp and Path(tp).is_file():
             teacher = tp
     if teacher is not None:
         tq, tdb = codes(teacher)
-        res["teacher"] = retrieval_map(tq, tdb, ql, dl, topk=k)
+        res["teacher"] = score(tq, tdb, ql, dl, topk=k)
         if sq is not None:
-            res["ashp"] = retrieval_map(sq, tdb, ql, dl, topk=k)
+            res["ashp"] = score(sq, tdb, ql, dl, topk=k)
     if not res:
         raise ValueError("evaluate needs a student and/or a teacher checkpoint")
     return res

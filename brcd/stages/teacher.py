@@ -10,6 +10,7 @@ import torch
 
 from .. import data as D
 from ..config import Config, ModelConfig, StageConfig
+from ..dist import check_divisible, sync_batchnorm
 from ..losses import cibhash_loss
 from ..trainer import Trainer, seed_everything
 from . import views as V
@@ -57,6 +58,9 @@ def train_teacher(inp: TeacherInput, ctx: Context) -> TeacherResult:
     """Train the teacher: on cached frozen-backbone features of the view bank when
     ``train.cache_views`` is set (the head only), else on fresh views of the images.
 
+    In a torchrun job (``ctx.dist``) each rank trains on its share of every global batch of
+    ``train.batch_size`` rows behind DistributedDataParallel (:mod:`brcd.dist`).
+
     Args:
         inp: the teacher's settings. ctx: the run context.
 
@@ -64,46 +68,49 @@ def train_teacher(inp: TeacherInput, ctx: Context) -> TeacherResult:
         a :class:`TeacherResult`.
     """
     seed_everything(ctx.seed)
-    st, splits, device = inp.stage, ctx.splits, ctx.device
+    st, splits, device, d = inp.stage, ctx.splits, ctx.device, ctx.dist
     model = build_model(st.model, inp.bits, st.train.autocast).to(device)
     n, bs, nv = len(splits.train), st.train.batch_size, st.train.cache_views
     check_batch_size(n, bs, "teacher")
+    check_divisible(bs, "teacher.train.batch_size", d.world)
     size, cl, steps = st.model.image_size, st.train.channels_last, st.train.steps_per_epoch
     if cl:
         model.to(memory_format=torch.channels_last)
-    fwd = torch.compile(model) if st.train.compile else model
-    own = inp.own
+    sync_batchnorm(model, d)
+    own, group = inp.own, d.group
     cache = None
     if nv:
         cache = V.view_cache(ctx, model=model, model_cfg=st.model, n_views=nv, extract=st.train)
+        head = d.wrap(model, "head_forward")
 
         def batches(epoch):
             for idx, v1, v2 in V.index_batches(n, batch_size=bs, epoch=epoch, seed=ctx.seed,
-                                               n_views=nv, steps=steps):
+                                               n_views=nv, steps=steps, dist=d):
                 yield cache.feats[idx, v1], cache.feats[idx, v2]
 
         def step(batch):
             f1, f2 = (b.to(device).float() for b in batch)
-            return cibhash_loss(model.head_forward(f1), model.head_forward(f2), own.temperature,
-                                own.kl_weight)
+            return cibhash_loss(head(f1), head(f2), own.temperature, own.kl_weight, group)
     else:
         base = D.base_images(splits.train, ctx.data.view_size, ctx.data.num_workers)
+        fwd = d.wrap(model)
+        fwd = torch.compile(fwd) if st.train.compile else fwd
 
         def batches(epoch):
             return V.fresh_batches(base, batch_size=bs, epoch=epoch, steps=steps, seed=ctx.seed,
-                                   mode=ctx.data.augment)
+                                   mode=ctx.data.augment, dist=d)
 
         def step(batch):
             x1, x2 = (D.prepare_batch(b, size, device, cl) for b in batch[:2])
-            return cibhash_loss(fwd(x1), fwd(x2), own.temperature, own.kl_weight)
+            return cibhash_loss(fwd(x1), fwd(x2), own.temperature, own.kl_weight, group)
 
-    def validate():
+    def validate():  # each rank encodes a shard; rank 0 scores
         vs = ctx.data.view_size
-        db = (head_codes(model, cache.det_feats, device) if cache is not None else
-              encode_images(model, splits.train, vs, size, device=device))
-        q = encode_images(model, splits.val, vs, size, device=device)
-        return {"teacher": retrieval_map(q, db, splits.val.labels, splits.train.labels,
-                                         topk=ctx.topk)}
+        db = (head_codes(model, cache.det_feats, device, dist=d) if cache is not None else
+              encode_images(model, splits.train, vs, size, device=device, dist=d))
+        q = encode_images(model, splits.val, vs, size, device=device, dist=d)
+        return d.broadcast({"teacher": retrieval_map(
+            q, db, splits.val.labels, splits.train.labels, topk=ctx.topk)} if d.main else None)
 
     extra = {"kind": "teacher", "bits": inp.bits, "spec": model_spec(st.model, inp.bits),
              "config": ctx.record}
@@ -111,12 +118,13 @@ def train_teacher(inp: TeacherInput, ctx: Context) -> TeacherResult:
                       step_fn=step, batches=batches,
                       steps_per_epoch=V.steps_per_epoch(n, bs, steps), batch_images=bs * 2,
                       validate=validate if len(splits.val) else None, extra=extra,
-                      progress=ctx.progress)
+                      progress=ctx.progress, dist=d)
     if inp.resume:
         trainer.resume(inp.resume)
     history = trainer.fit()
     best = trainer.path("best_teacher")
-    return TeacherResult(best if best.is_file() else trainer.path("last"), history,
+    use_best = d.broadcast(best.is_file())  # rank 0 wrote it: its answer holds on every rank
+    return TeacherResult(best if use_best else trainer.path("last"), history,
                          dict(trainer.best))
 
 

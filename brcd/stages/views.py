@@ -9,7 +9,11 @@
   both out, so a cache extracted under bf16 serves float32 runs too.
 * :func:`index_batches` draws, per epoch, a permutation of the images and two distinct bank view
   numbers per image; :func:`fresh_batches` makes two on-the-fly views per image instead, keyed
-  by (seed, epoch, image, view) (:func:`brcd.augment.view_keys`).
+  by (seed, epoch, image, view) (:func:`brcd.augment.view_keys`). In a torchrun job each rank
+  takes its share of every global batch (:meth:`brcd.dist.Dist.share`) and makes only its rows'
+  views, the same ones a single process makes for those rows.
+* In a torchrun job rank 0 alone builds and writes the cache while the other ranks wait, then
+  they load it (the cache folder must be shared by the nodes of a multi-node job).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from tqdm.auto import tqdm
 from .. import augment as A
 from .. import data as D
 from ..config import ModelConfig, TrainConfig
+from ..dist import Dist
 from ..files import load_file, save_file
 from ..models import HashModel
 from .context import Context
@@ -98,6 +103,23 @@ def view_cache(ctx: Context, *, model: HashModel | None, model_cfg: ModelConfig,
         the :class:`ViewCache` (on the CPU).
     """
     path = cache_path(ctx, model_cfg, n_views)
+    d = ctx.dist
+    if d.enabled:  # rank 0 loads or builds (and writes) it first; then the others load it
+        with d.solo() as mine:
+            cache = _load_or_build(path, ctx, model, model_cfg, n_views, extract) if mine \
+                else None
+        if cache is None:
+            if not path.is_file():
+                raise ValueError(f"view cache {str(path)!r}, written by rank 0, is not visible "
+                                 f"on rank {d.rank}: a multi-node job needs out_dir / cache_dir "
+                                 f"on a folder every node shares")
+            cache = _load(path, ctx)
+        return cache
+    return _load_or_build(path, ctx, model, model_cfg, n_views, extract)
+
+
+def _load_or_build(path: Path, ctx: Context, model: HashModel | None, model_cfg: ModelConfig,
+                   n_views: int, extract: TrainConfig) -> ViewCache:
     if path.is_file():
         try:
             return _load(path, ctx)
@@ -140,23 +162,28 @@ def pair_views(n_views: int, size: int, gen: torch.Generator) -> tuple[torch.Ten
 
 
 def index_batches(n: int, *, batch_size: int, epoch: int, seed: int, n_views: int,
-                  steps: int | None) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Per step: image indices and their two view numbers (a function of seed and epoch)."""
+                  steps: int | None, dist: Dist | None = None
+                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per step: image indices and their two view numbers (a function of seed and epoch);
+    with ``dist``, this rank's share of each global batch of ``batch_size`` rows."""
     gen = torch.Generator().manual_seed(seed * 7919 + epoch)
     perm = torch.randperm(n, generator=gen)
     v1, v2 = pair_views(n_views, n, gen)
     n_steps = n // batch_size if steps is None else steps
     for s in range(n_steps):
         j = torch.arange(s * batch_size, (s + 1) * batch_size) % n
+        if dist is not None:
+            j = dist.share(j)
         yield perm[j], v1[perm[j]], v2[perm[j]]
 
 
 def fresh_batches(base: torch.Tensor, *, batch_size: int, epoch: int, steps: int | None,
-                  seed: int, mode: str
+                  seed: int, mode: str, dist: Dist | None = None
                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """On-the-fly two views per image, keyed by (seed, epoch, index, view 0/1)."""
+    """On-the-fly two views per image, keyed by (seed, epoch, index, view 0/1); with ``dist``,
+    of this rank's share of each global batch only."""
     for idx, _, _ in index_batches(len(base), batch_size=batch_size, epoch=epoch, seed=seed,
-                                   n_views=2, steps=steps):
+                                   n_views=2, steps=steps, dist=dist):
         keys = idx.numpy()
         yield (A.augment(base[idx], A.view_keys(seed, epoch, keys, 0), mode),
                A.augment(base[idx], A.view_keys(seed, epoch, keys, 1), mode),
