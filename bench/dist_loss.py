@@ -5,7 +5,7 @@ Run under torchrun (each rank gets ``--batch`` local rows; world size W):
     python -m torch.distributed.run --standalone --nproc_per_node 2 bench/dist_loss.py \
         [--batch 2048] [--bits 64] [--repeats 5] [--json bench/results/dist_loss.json]
 
-Three configurations, interleaved round-robin (the machine drifts; ratios within a run count),
+Four configurations, interleaved round-robin (the machine drifts; ratios within a run count),
 each one forward + backward of ``fasthash.brcd_contrastive_loss`` (masks, clusters, offset
 positives, student gradient only):
 

@@ -20,6 +20,8 @@ REDUCTIONS = ("mean", "sum", "none")
 MAX_THREADS = 1024
 MAX_BITS = 1 << 20  # the longest code the compiled engine searches (and a HammingIndex holds)
 MAX_RADIUS = (1 << 63) - 1  # the engine's int64 radius; any r >= the code length returns all
+# the smallest normal float32: 1 / tau and log2(e) / tau (the kernels' logit scale) stay finite
+MIN_TEMPERATURE = 2.0**-126
 DEVICES = ("cpu", "cuda")  # where tensors may live (meta tensors hold no data to check)
 
 
@@ -82,9 +84,13 @@ def _is_real(value) -> bool:
 
 
 def check_temperature(temperature) -> float:
-    """``float(temperature)`` for a finite number > 0 (Python or numpy scalar)."""
-    if not (_is_real(temperature) and math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    """``float(temperature)`` for a finite number >= MIN_TEMPERATURE (Python or numpy scalar)."""
+    if not (_is_real(temperature) and math.isfinite(temperature)
+            and temperature >= MIN_TEMPERATURE):
+        raise ValueError(
+            f"temperature must be a finite number > 0, at least 2**-126 (~1.2e-38, so that "
+            f"1 / temperature is finite in float32), got {temperature!r}"
+        )
     return float(temperature)
 
 

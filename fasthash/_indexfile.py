@@ -125,6 +125,8 @@ def parse_header(path: str, head: bytes, size: int) -> Header:
             f"{path}: truncated or padded file ({size} bytes, expected {h.size} for "
             f"{h.count} codes of {h.bits} bits{' with ids' if h.has_ids else ''})"
         )
+    if h.ids_crc and not h.has_ids:
+        raise ValueError(f"{path}: corrupted header (ids CRC without ids)")
     if head.count(0, hs + 4) != HEADER_SIZE - hs - 4:
         raise ValueError(f"{path}: corrupted header (non-zero padding)")
     return h

@@ -30,8 +30,10 @@ one process on the global batch. Without DDP, average the parameter gradients ov
 losses and receives the gradient of ``sum_q <w_q, rows_q>`` (no ``world_size`` factor).
 
 Every rank must call the loss (and, when it needs gradients, backward) the same number of
-times, as with DDP. The nccl path (CUDA tensors, Triton kernels with a row offset) is untested
-here: this project's CI has no GPU.
+times, as with DDP. Failures are turned into errors on every rank only up to step 1: one rank
+failing later (e.g. out of memory in its local kernel) leaves the others waiting in the next
+collective, bounded only by the process group's timeout. The nccl path (CUDA tensors, Triton
+kernels with a row offset) is untested here: this project's CI has no GPU.
 """
 
 from __future__ import annotations
@@ -54,7 +56,24 @@ _REDUCTIONS = {"mean": 0, "sum": 1, "none": 2}
 
 
 def check_group(group: Any) -> dist.ProcessGroup:
-    """``group`` as a process group this rank belongs to, or a clear error (no collective)."""
+    """``group`` as a process group this rank belongs to, or a clear error (no collective).
+
+    Args:
+        group: what the caller passed as ``group=``.
+
+    Returns:
+        the group, unchanged.
+
+    Raises:
+        TypeError: not a ``ProcessGroup``. ValueError: torch.distributed missing or not
+            initialised, or this rank not a member.
+
+    Example:
+        After ``torch.distributed.init_process_group("gloo")`` (not executed here)::
+
+            pg = check_group(dist.group.WORLD)  # the same object back
+            check_group("world")  # TypeError: group must be a ...ProcessGroup or None
+    """
     if not dist.is_available():
         raise ValueError("group= needs torch.distributed, which this torch build lacks")
     if isinstance(group, int) and group == dist.GroupMember.NON_GROUP_MEMBER:
@@ -114,7 +133,24 @@ def gather_rows(
 ) -> torch.Tensor | list[torch.Tensor]:
     """Rank-major concatenation of every rank's ``x`` (``[sizes[rank], ...]``), sizes unequal
     allowed: each rank pads to ``max(sizes)`` rows for one ``all_gather``. With ``blocks = k``,
-    ``x`` is k stacked blocks of ``sizes[rank]`` rows and the result the k global blocks."""
+    ``x`` is k stacked blocks of ``sizes[rank]`` rows and the result the k global blocks.
+
+    Args:
+        x: this rank's rows ``[blocks * sizes[rank], ...]``. sizes: every rank's row count (from
+            :func:`agree`). group: the process group. blocks: the number of stacked blocks.
+
+    Shape:
+        ``[blocks * n, ...]`` -> ``[sum(sizes), ...]`` (a list of ``blocks`` of them if > 1).
+
+    Returns:
+        the global rows (every rank gets the same).
+
+    Example:
+        On 2 ranks holding 2 and 1 rows (not executed here)::
+
+            x = torch.full((2,) if rank == 0 else (1,), float(rank))
+            gather_rows(x, [2, 1], dist.group.WORLD)  # tensor([0., 0., 1.]) on both ranks
+    """
     n_max, n = max(sizes), sizes[dist.get_rank(group)]
     buf = x.new_zeros((blocks * n_max, *x.shape[1:]))
     for j in range(blocks):
@@ -126,7 +162,8 @@ def gather_rows(
 
 
 def _raise_everywhere(group, err: Exception | None, flags: list[bool], what: str) -> None:
-    """Every rank raises: the failing rank its own error, the others the same type naming it."""
+    """Every rank raises: the failing rank its own error, the others a TypeError (for a
+    TypeError there) or a ValueError naming the rank, the error's class and its message."""
     msgs: list[Any] = [None] * len(flags)
     local = None if err is None else (type(err).__name__, str(err))
     dist.all_gather_object(msgs, local, group=group)
@@ -135,6 +172,8 @@ def _raise_everywhere(group, err: Exception | None, flags: list[bool], what: str
     bad = next(r for r, f in enumerate(flags) if f)
     kind, msg = msgs[bad]
     cls = TypeError if kind == "TypeError" else ValueError
+    if kind not in ("TypeError", "ValueError"):
+        msg = f"{kind}: {msg}"
     raise cls(f"{what}: rank {bad} of group rejected its inputs, so every rank stops: {msg}")
 
 
@@ -146,8 +185,26 @@ def agree(
 ) -> tuple[Any, list[int]]:
     """Run the local checks and preparation ``prepare() -> (result, rows, fields)`` under one
     metadata ``all_gather``, so that bad input on any rank, or ranks that disagree on a field
-    (code length, dtype, hyper-parameters), raise on every rank. Returns ``(result, sizes)``,
-    ``sizes[q]`` the row count of rank q."""
+    (code length, dtype, hyper-parameters), raise on every rank. Any exception of
+    ``prepare`` counts (not only ``TypeError`` / ``ValueError``), so no rank is left waiting in
+    the metadata exchange. A failure after it, once data moves (e.g. out of memory in the local
+    kernel), is bounded only by the process group's timeout.
+
+    Args:
+        group: the process group (checked by :func:`check_group`). what: the loss's name, for
+            the messages. device: the device of the codes (checked against the backend).
+        prepare: the local checks and preparation; raises on bad input.
+
+    Returns:
+        ``(result, sizes)``: ``prepare``'s result and ``sizes[q]``, the row count of rank q.
+
+    Example:
+        Every rank of a 2-rank gloo group calls it (not executed here)::
+
+            result, sizes = agree(dist.group.WORLD, "my_loss", torch.device("cpu"),
+                                  lambda: (x * 2, x.shape[0], {"the code length L": L}))
+            # rank 0 with 3 rows, rank 1 with 5: sizes == [3, 5] on both ranks
+    """
     pg = check_group(group)
     devices = _backend_devices(pg)
     err, result, rows, fields = None, None, 0, {}
@@ -156,7 +213,7 @@ def agree(
         result, rows, fields = prepare()
         if len(fields) > _META_LEN - 2:
             raise AssertionError("too many metadata fields")  # a programming error
-    except (TypeError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - any local failure must reach every rank
         err = e
     meta = torch.zeros(_META_LEN, dtype=torch.float64)
     meta[0], meta[1] = float(err is not None), float(rows)
@@ -253,6 +310,12 @@ def global_contrastive_loss(
         the global loss (the same on every rank) for "mean" / "sum"; this rank's ``2n`` row
         losses (student rows, then teacher rows) for "none". Gradients follow the convention of
         the module docstring.
+
+    Example:
+        What :func:`fasthash.nt_xent_loss` does with ``group=`` (not executed here)::
+
+            (za, zb, pos, inv_tau), sizes = agree(pg, "nt_xent_loss", z1.device, prepare)
+            loss = global_contrastive_loss(za, zb, pos, None, inv_tau, "mean", pg, sizes)
     """
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {tuple(_REDUCTIONS)}, got {reduction!r}")

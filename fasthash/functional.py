@@ -13,6 +13,7 @@ float64. Outputs are float32 (float64 for float64 inputs); input gradients have 
 
 from __future__ import annotations
 
+import zlib
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -239,7 +240,8 @@ def _brcd_parts(
 
 def _brcd_global(args: tuple, group) -> torch.Tensor:
     """:func:`brcd_contrastive_loss` over the global batch of ``group``."""
-    student, mask_table, alpha, temperature, reduction = (args[0], args[3], *args[6:9])
+    student, mask_table, alpha, temperature, reduction, detach_teacher = (
+        args[0], args[3], *args[6:10])
 
     def prepare():
         parts = _brcd_parts(*args)
@@ -248,6 +250,7 @@ def _brcd_global(args: tuple, group) -> torch.Tensor:
         fields = {
             **_common_fields("brcd_contrastive_loss", zs, zt, pos, reduction),
             "alpha": float(alpha), "temperature": float(temperature),
+            "detach_teacher": float(bool(detach_teacher)),
             "whether cluster ids are given": float(c is not None),
             "the mask_table rows C": table, "the mask_table contents (checksum)":
                 0.0 if mask_table is None else _checksum(mask_table),
@@ -280,10 +283,12 @@ def _device_of(x) -> torch.device:
 
 
 def _checksum(table: torch.Tensor) -> float:
-    """A position-weighted sum of a {0, 1} table: equal tables give equal sums, exactly."""
-    flat = table.detach().to(torch.float64).flatten()
-    w = torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=flat.device)
-    return float((flat * w).sum())
+    """CRC32 of a {0, 1} table's bits (as uint8, row-major; its shape is agreed separately),
+    whatever its dtype: equal tables give equal values; tables differing only within 4
+    consecutive entries (a CRC32 burst) never do, others with probability about 2**-32 (a
+    weighted sum collided on swapped entries). The value is exact in float64 metadata."""
+    data = table.detach().to(torch.uint8).cpu().contiguous().numpy()
+    return float(zlib.crc32(data.tobytes()))
 
 
 def nt_xent_loss(

@@ -83,8 +83,10 @@ class HammingIndex:
         self._file: _file.MappedFile | None = None  # the map _data (and _ids) view, if any
 
     def __getstate__(self) -> dict:
-        words, ids, _ = self._snapshot()
-        return {"bits": self.bits, "data": np.array(words), "kind": self._kind,
+        with self._lock:  # the kind with the same snapshot: an add may land right after it
+            words, ids, _ = self._snapshot_locked()
+            kind = self._kind
+        return {"bits": self.bits, "data": np.array(words), "kind": kind,
                 "ids": None if ids is None else np.array(ids), "file_tables": self.file_tables}
 
     def __setstate__(self, state: dict) -> None:
@@ -183,11 +185,14 @@ class HammingIndex:
         adds are joined first. The arrays are never modified afterwards (adds and removals
         make new ones), so they may be read without the lock."""
         with self._lock:
-            self._join_locked()
-            for a in (self._data, self._ids):
-                if a is not None:
-                    a.flags.writeable = False  # handed out: a caller's write would change results
-            return self._data, self._ids, self._file
+            return self._snapshot_locked()
+
+    def _snapshot_locked(self) -> tuple[np.ndarray, np.ndarray | None, _file.MappedFile | None]:
+        self._join_locked()
+        for a in (self._data, self._ids):
+            if a is not None:
+                a.flags.writeable = False  # handed out: a caller's write would change results
+        return self._data, self._ids, self._file
 
     def _join_locked(self) -> None:
         if self._chunks:
@@ -468,9 +473,12 @@ class HammingIndex:
         return out
 
     def to_faiss(self):
-        """A ``faiss.IndexBinaryFlat`` holding the same codes (dimension ``8 * ceil(bits / 8)``;
-        copied, padding bits 0), in a ``faiss.IndexBinaryIDMap`` with the ids if the index has
-        ids."""
+        """A ``faiss.IndexBinaryFlat`` holding the same codes (dimension ``8 * ceil(bits / 8)``),
+        in a ``faiss.IndexBinaryIDMap`` with the ids if the index has ids.
+
+        Returns:
+            the FAISS index (the codes and ids are copied; padding bits are 0).
+        """
         import faiss
 
         from .codes import to_faiss_bytes

@@ -126,10 +126,29 @@ IdsLike = Union[np.ndarray, torch.Tensor, Sequence[int]]  # noqa: UP007 - a runt
 
 def as_ids(ids: IdsLike, name: str, rows: int | None = None) -> np.ndarray:
     """The ids of an index's codes (returned by its searches instead of positions), checked: a
-    new C-contiguous int64 array ``[rows]`` of ids >= 0 (``rows=None``: any length).
+    new C-contiguous int64 array ``[rows]`` of ids in ``[0, 2**63)`` (``rows=None``: any
+    length).
 
     -1 is refused with every negative value: FAISS returns it for "no result", so an id -1
     could not be told apart from one.
+
+    Args:
+        ids: integers (numpy, torch on the CPU or a CUDA device, or a list / tuple / range).
+        name: the argument's name, for the messages. rows: the length required, or None.
+
+    Returns:
+        int64 ``[rows]``, a copy.
+
+    Raises:
+        TypeError: not integers. ValueError: a wrong length, or an id outside [0, 2**63).
+
+    Example:
+        >>> as_ids([7, 0, 7], "ids").tolist()
+        [7, 0, 7]
+        >>> as_ids([-1, 2**63], "ids")
+        Traceback (most recent call last):
+        ...
+        ValueError: ids must hold int64 ids in [0, 2**63), got -1
     """
     if isinstance(ids, torch.Tensor):
         check_device(ids, name)
@@ -137,7 +156,7 @@ def as_ids(ids: IdsLike, name: str, rows: int | None = None) -> np.ndarray:
             raise TypeError(f"{name} must hold integers (int64 ids), got dtype {ids.dtype}")
         ids = ids.detach().cpu().numpy()
     elif isinstance(ids, (list, tuple, range)):
-        ids = np.asarray(ids) if len(ids) else np.zeros(0, np.int64)
+        ids = _sequence_ids(ids, name)
     elif not isinstance(ids, np.ndarray):
         raise TypeError(
             f"{name} must be a numpy array, torch tensor or sequence of ints, got "
@@ -157,6 +176,21 @@ def as_ids(ids: IdsLike, name: str, rows: int | None = None) -> np.ndarray:
             f"{name} must be >= 0 (-1 means 'no result' to FAISS users), got {name}[{j}] = "
             f"{int(out[j])}"
         )
+    return out
+
+
+def _sequence_ids(ids: Sequence, name: str) -> np.ndarray:
+    """A sequence of ids as an array: Python ints beyond int64 (or -1 with ones beyond it)
+    make numpy pick float64 or object, which is an id out of range, not a wrong type."""
+    if not len(ids):
+        return np.zeros(0, np.int64)
+    out = np.asarray(ids)
+    if out.dtype.kind in "fO" and all(
+        isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in ids
+    ):
+        bad = next((int(v) for v in ids if not 0 <= v < 1 << 63), None)
+        if bad is not None:
+            raise ValueError(f"{name} must hold int64 ids in [0, 2**63), got {bad}")
     return out
 
 

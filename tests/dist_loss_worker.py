@@ -41,11 +41,7 @@ class Skip(Exception):
 
 
 def case(name):
-    def deco(fn):
-        CASES[name] = fn
-        return fn
-
-    return deco
+    return lambda fn: CASES.setdefault(name, fn)
 
 
 def _rank():
@@ -160,49 +156,35 @@ def _brcd_inputs(sizes, length, seed, n_table=4, masks="table", clusters="offset
     return out
 
 
-def _nt(temperature):
-    def fn(z1, z2, reduction, group):
-        return fasthash.nt_xent_loss(z1, z2, temperature, reduction=reduction, group=group)
-
-    return fn
-
-
-def _brcd(**hyper):
-    def fn(reduction, group, **kw):
-        return fasthash.brcd_contrastive_loss(**kw, **hyper, reduction=reduction, group=group)
-
-    return fn
+# the losses under test (a fixed temperature / hyper-parameters) and their inputs(sizes)
+_nt = lambda tau: lambda z1, z2, **kw: fasthash.nt_xent_loss(z1, z2, tau, **kw)
+_brcd = lambda **hyper: lambda **kw: fasthash.brcd_contrastive_loss(**kw, **hyper)
+_nti = lambda length, seed: lambda sizes: _ntxent_inputs(sizes, length, seed)
+_bri = lambda length, seed, **kw: lambda sizes: _brcd_inputs(sizes, length, seed, **kw)
 
 
 F64, F32 = torch.float64, torch.float32
+NT, ST = {"z1", "z2"}, {"student"}
 # name: (loss, inputs(sizes), grad keys, sizes, reduction, dtype, every rank's grad_output)
 VALUE_CASES = {
-    "ntxent-f64-mean-equal-go": (_nt(0.3), lambda z: _ntxent_inputs(z, 16, 1), {"z1", "z2"},
-                                 [4, 4], "mean", F64, [1.7, 0.6]),
-    "ntxent-f64-sum-unequal-3-5": (_nt(0.5), lambda z: _ntxent_inputs(z, 13, 2), {"z1", "z2"},
-                                   [3, 5], "sum", F64, [1.0, 2.0]),
-    "ntxent-f64-none-unequal-5-2": (_nt(0.3), lambda z: _ntxent_inputs(z, 24, 3), {"z1", "z2"},
-                                    [5, 2], "none", F64, None),
-    "ntxent-f32-tau.05-unequal-5-3": (_nt(0.05), lambda z: _ntxent_inputs(z, 64, 4),
-                                      {"z1", "z2"}, [5, 3], "mean", F32, [1.0, 1.0]),
-    "brcd-f64-mean-masks-offset-3-5": (_brcd(alpha=0.8, temperature=0.3),
-                                       lambda z: _brcd_inputs(z, 20, 5), {"student"}, [3, 5],
-                                       "mean", F64, [1.7, 1.7]),
+    "ntxent-f64-mean-equal-go": (_nt(0.3), _nti(16, 1), NT, [4, 4], "mean", F64, [1.7, 0.6]),
+    "ntxent-f64-sum-unequal-3-5": (_nt(0.5), _nti(13, 2), NT, [3, 5], "sum", F64, [1.0, 2.0]),
+    "ntxent-f64-none-unequal-5-2": (_nt(0.3), _nti(24, 3), NT, [5, 2], "none", F64, None),
+    "ntxent-f32-tau.05-unequal-5-3": (_nt(0.05), _nti(64, 4), NT, [5, 3], "mean", F32,
+                                      [1.0, 1.0]),
+    "brcd-f64-mean-masks-offset-3-5": (_brcd(alpha=0.8, temperature=0.3), _bri(20, 5), ST,
+                                       [3, 5], "mean", F64, [1.7, 1.7]),
     "brcd-f64-sum-onerow-alpha0": (_brcd(alpha=0.0, temperature=1.0),
-                                   lambda z: _brcd_inputs(z, 16, 6, masks="one-row",
-                                                          clusters=None),
-                                   {"student"}, [4, 4], "sum", F64, [0.5, 3.0]),
+                                   _bri(16, 6, masks="one-row", clusters=None), ST, [4, 4],
+                                   "sum", F64, [0.5, 3.0]),
     "brcd-f64-none-fn-alpha1-5-3": (_brcd(alpha=1.0, temperature=0.3),
-                                    lambda z: _brcd_inputs(z, 40, 7, clusters="fn"),
-                                    {"student"}, [5, 3], "none", F64, None),
+                                    _bri(40, 7, clusters="fn"), ST, [5, 3], "none", F64, None),
     "brcd-f64-teacher-grads-2-6": (_brcd(alpha=0.5, temperature=0.2, detach_teacher=False),
-                                   lambda z: _brcd_inputs(z, 12, 9),
-                                   {"student", "teacher_same", "teacher_other"}, [2, 6], "mean",
-                                   F64, [1.0, -0.5]),
+                                   _bri(12, 9), ST | {"teacher_same", "teacher_other"}, [2, 6],
+                                   "mean", F64, [1.0, -0.5]),
     # 2 / tau = 100 > 80: the fp32 online-max path
-    "brcd-f32-online-max-tau.02-6-2": (_brcd(alpha=0.8, temperature=0.02),
-                                       lambda z: _brcd_inputs(z, 32, 10), {"student"}, [6, 2],
-                                       "mean", F32, [1.0, 1.0]),
+    "brcd-f32-online-max-tau.02-6-2": (_brcd(alpha=0.8, temperature=0.02), _bri(32, 10), ST,
+                                       [6, 2], "mean", F32, [1.0, 1.0]),
 }
 
 
@@ -358,27 +340,28 @@ def _local_codes(length, rows=3, dtype=torch.float64, seed=30):
             torch.randn(rows, length, generator=g, dtype=dtype))
 
 
+def _nt_error(a, b, cls, *needles, tau=0.3):
+    """``nt_xent_loss(a, b, tau)`` over the world group must raise ``cls`` with ``needles``."""
+    return _expect_error(lambda: fasthash.nt_xent_loss(a, b, tau, group=dist.group.WORLD),
+                         cls, *needles)
+
+
 @case("err-code-length-differs")
 def _():
     a, b = _local_codes(16 if dist.get_rank() == 0 else 8)
-    return _expect_error(lambda: fasthash.nt_xent_loss(a, b, group=dist.group.WORLD),
-                         ValueError, "code length L", "rank 0 has 16", "rank 1 has 8")
+    return _nt_error(a, b, ValueError, "code length L", "rank 0 has 16", "rank 1 has 8")
 
 
 @case("err-dtype-differs")
 def _():
-    dt = torch.float64 if dist.get_rank() == 0 else torch.float32
-    a, b = _local_codes(8, dtype=dt)
-    return _expect_error(lambda: fasthash.nt_xent_loss(a, b, group=dist.group.WORLD),
-                         ValueError, "compute dtype")
+    a, b = _local_codes(8, dtype=torch.float64 if dist.get_rank() == 0 else torch.float32)
+    return _nt_error(a, b, ValueError, "compute dtype")
 
 
 @case("err-temperature-differs")
 def _():
     a, b = _local_codes(8)
-    tau = 0.3 if dist.get_rank() == 0 else 0.5
-    return _expect_error(lambda: fasthash.nt_xent_loss(a, b, tau, group=dist.group.WORLD),
-                         ValueError, "temperature")
+    return _nt_error(a, b, ValueError, "temperature", tau=0.3 if dist.get_rank() == 0 else 0.5)
 
 
 @case("err-nan-on-rank-1-only")
@@ -387,8 +370,24 @@ def _():
     if dist.get_rank() == 1:
         a[0, 0] = float("nan")
     need = ("z1 contains NaN",) if dist.get_rank() == 1 else ("rank 1", "z1 contains NaN")
-    return _expect_error(lambda: fasthash.nt_xent_loss(a, b, group=dist.group.WORLD),
-                         ValueError, *need)
+    return _nt_error(a, b, ValueError, *need)
+
+
+@case("err-other-exception-on-rank-1-only")
+def _():
+    """Not a TypeError / ValueError (e.g. an op a tensor type lacks): still on every rank."""
+    def fail(*a, **k):
+        raise NotImplementedError("simulated failure in the checks")
+
+    a, b = _local_codes(8)
+    rank, saved = dist.get_rank(), fasthash.functional._common_fields
+    fasthash.functional._common_fields = fail if rank == 1 else saved
+    try:
+        if rank == 1:
+            return _nt_error(a, b, NotImplementedError, "simulated failure")
+        return _nt_error(a, b, ValueError, "rank 1", "NotImplementedError", "simulated failure")
+    finally:
+        fasthash.functional._common_fields = saved
 
 
 @case("err-bad-ids-on-rank-0-only")
@@ -405,33 +404,36 @@ def _():
 def _():
     glob = _brcd_inputs([3], 8, 32)
     glob["mask_table"] = glob["mask_table"].clone()
-    if dist.get_rank() == 1:
-        glob["mask_table"][1] = 1 - glob["mask_table"][1]
+    # equal position-weighted sums (9 + 12 == 10 + 11): a checksum must tell them apart
+    row = [1, 0, 0, 1] if dist.get_rank() == 0 else [0, 1, 1, 0]
+    glob["mask_table"][1] = torch.tensor(row + [1, 1, 1, 1], dtype=torch.float64)
     return _expect_error(lambda: fasthash.brcd_contrastive_loss(**glob, group=dist.group.WORLD),
                          ValueError, "mask_table contents")
+
+
+@case("err-detach-teacher-differs")
+def _():
+    glob = _brcd_inputs([3], 8, 34)
+    kw = dict(detach_teacher=dist.get_rank() == 0, group=dist.group.WORLD)
+    return _expect_error(lambda: fasthash.brcd_contrastive_loss(**glob, **kw), ValueError,
+                         "disagree on detach_teacher")
 
 
 @case("err-different-losses")
 def _():
     a, b = _local_codes(8)
     if dist.get_rank() == 0:
-        call = lambda: fasthash.nt_xent_loss(a, b, group=dist.group.WORLD)  # noqa: E731
-    else:
-        call = lambda: fasthash.brcd_contrastive_loss(a, b, b, group=dist.group.WORLD)  # noqa: E731
-    return _expect_error(call, ValueError, "loss called")
+        return _nt_error(a, b, ValueError, "loss called")
+    return _expect_error(lambda: fasthash.brcd_contrastive_loss(a, b, b, group=dist.group.WORLD),
+                         ValueError, "loss called")
 
 
 @case("err-grad-mode-differs")
 def _():
     a, b = _local_codes(8)
     a.requires_grad_()
-    if dist.get_rank() == 0:
-        call = lambda: fasthash.nt_xent_loss(a, b, group=dist.group.WORLD)  # noqa: E731
-    else:
-        def call():
-            with torch.no_grad():
-                return fasthash.nt_xent_loss(a, b, group=dist.group.WORLD)
-    return _expect_error(call, ValueError, "backward will run")
+    with torch.set_grad_enabled(dist.get_rank() == 0):
+        return _nt_error(a, b, ValueError, "backward will run")
 
 
 @case("err-not-a-group")
@@ -441,16 +443,16 @@ def _():
                          "group must be a torch.distributed.ProcessGroup")
 
 
-@case("err-cuda-tensor-on-gloo")
+@case("err-device-not-of-the-backend")
 def _():
-    if not torch.cuda.is_available():
-        raise Skip("no CUDA device here: a CUDA tensor cannot be made")
+    """Rank 1's codes on a device gloo cannot send: CUDA where there is one, else meta (the
+    same backend / device check, so it runs without a GPU too)."""
+    dev = "cuda" if torch.cuda.is_available() else "meta"
     a, b = _local_codes(8)
     if dist.get_rank() == 1:
-        a, b = a.cuda(), b.cuda()
-    need = ("gloo", "cuda") if dist.get_rank() == 1 else ("rank 1", "gloo")
-    return _expect_error(lambda: fasthash.nt_xent_loss(a, b, group=dist.group.WORLD),
-                         ValueError, *need)
+        a, b = a.to(dev), b.to(dev)
+    need = ("gloo", f"on {dev}") if dist.get_rank() == 1 else ("rank 1", "gloo")
+    return _nt_error(a, b, ValueError, *need)
 
 
 @case("still-in-step-after-errors")

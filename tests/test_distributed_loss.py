@@ -179,6 +179,45 @@ def test_row_subset_refuses_a_subset_outside_the_batch():
         registry.contrastive_lse_rows(za, zb, pos[:2], rc, cc, 3.0, 0, 3)
 
 
+def test_row_subset_backward_refuses_the_local_lse():
+    """The backward takes the global [2B] lse / grad_lse; the forward's local [2n] output is
+    the natural wrong thing to pass (the kernels would read past its end)."""
+    za, zb, pos, rc, cc, gl = _lse_inputs(6, 8, 2)
+    full = blocked.contrastive_lse_cpu(za, zb, pos, rc, cc, 3.0)
+    loc = registry.contrastive_lse_rows(za, zb, pos[1:3], rc, cc, 3.0, 1, 2)
+    with pytest.raises(ValueError, match=r"^lse must be the global \[2B\] = \[12\]"):
+        registry.contrastive_lse_rows_backward(gl, za, zb, loc, rc, cc, 3.0, 1, 2, 4)
+    with pytest.raises(ValueError, match=r"^grad_lse must be the global .* got shape \(4,\)"):
+        registry.contrastive_lse_rows_backward(gl[:4], za, zb, full, rc, cc, 3.0, 1, 2, 4)
+    pytest.importorskip("triton")
+    from fasthash.ops import contrastive_triton as ct
+
+    if torch.cuda.is_available():
+        za, zb, rc, cc, gl, loc = (t.cuda() for t in (za, zb, rc, cc, gl, loc))
+    f = [t.float() for t in (za, zb, gl, loc)]
+    with pytest.raises(ValueError, match=r"^lse must be the global \[2B\] = \[12\]"):
+        ct.contrastive_lse_backward(f[2], f[0], f[1], f[3], rc, cc, 3.0, 4, row_offset=1,
+                                    row_count=2)
+    with pytest.raises(ValueError, match="does not fit"):  # the blocked path's own check
+        ct.contrastive_lse_forward(f[0], f[1], f[2][:3], rc, cc, 3.0, row_offset=4, row_count=3)
+
+
+def test_mask_table_checksum_tells_swapped_entries_apart():
+    """The metadata checksum of the distributed BRCD loss: a position-weighted sum gave
+    [1, 0, 0, 1] and [0, 1, 1, 0] the same value (1 + 4 == 2 + 3)."""
+    from fasthash.functional import _checksum
+
+    a, b = torch.tensor([[1.0, 0, 0, 1]]), torch.tensor([[0.0, 1, 1, 0]])
+    assert _checksum(a) != _checksum(b)
+    assert _checksum(a) == _checksum(a.clone()) == _checksum(a.bool()) == _checksum(a.double())
+    big = (torch.rand(7, 33, generator=torch.Generator().manual_seed(0)) > 0.5).float()
+    big[3, 4], big[3, 5] = 1, 0
+    swapped = big.clone()
+    swapped[3, [4, 5]] = swapped[3, [5, 4]]
+    assert (swapped != big).any() and _checksum(swapped) != _checksum(big)
+    assert _checksum(big) == int(_checksum(big)) < 2**32  # exact in the float64 metadata
+
+
 @pytest.mark.parametrize("fixed_shift,splits", [(True, 1), (False, 3)],
                          ids=["fixed-shift", "online-max-3-splits"])
 def test_row_subset_triton_launchers(fixed_shift, splits):
@@ -200,7 +239,8 @@ def test_row_subset_triton_launchers(fixed_shift, splits):
     lse = ct.contrastive_lse_forward(f(za), f(zb), f(pos[off:off + n]), rc.to(dev), cc.to(dev),
                                      inv_tau, fixed_shift=fixed_shift, **kw)
     torch.testing.assert_close(lse.double().cpu(), full[idx], rtol=tol, atol=tol)
-    gz = ct.contrastive_lse_backward(f(gl), f(za), f(zb), f(full), rc.to(dev), cc.to(dev),
-                                     inv_tau, 2 * n, **kw)
-    err = (gz.double().cpu() - gfull[idx]).abs().max().item()
-    assert err <= tol * gfull.abs().max().item(), err
+    for rows in (n, 2 * n):  # the student rows only (a detached teacher), then both halves
+        gz = ct.contrastive_lse_backward(f(gl), f(za), f(zb), f(full), rc.to(dev), cc.to(dev),
+                                         inv_tau, rows, **kw)
+        err = (gz.double().cpu() - gfull[idx[:rows]]).abs().max().item()
+        assert gz.shape == (rows, 24) and err <= tol * gfull.abs().max().item(), (rows, err)

@@ -476,3 +476,17 @@ def test_numpy_scalars_for_temperature_and_alpha():
     for bad in (np.bool_(False), np.float32("nan"), np.float32(1.5)):
         with pytest.raises(ValueError, match=r"^alpha must be a number in \[0, 1\]"):
             fasthash.brcd_contrastive_loss(s, t, t2, alpha=bad)
+
+
+def test_a_temperature_whose_inverse_overflows_float32_is_refused():
+    """1 / 1e-300 is no float32: the blocked path crashed building its shift; the bound is the
+    smallest normal float32, 2**-126, where 1 / tau (and log2(e) / tau) are still finite."""
+    s, t = torch.randn(4, 8, generator=_gen(5)), torch.randn(4, 8, generator=_gen(6))
+    for bad in (1e-300, 2.0**-127, np.float64(1e-39)):
+        with pytest.raises(ValueError, match=r"^temperature must be .*2\*\*-126 .*float32"):
+            fasthash.nt_xent_loss(s, t, bad)
+        with pytest.raises(ValueError, match=r"^temperature must be .*2\*\*-126"):
+            fasthash.brcd_contrastive_loss(s, t, t, temperature=bad)
+    rows = fasthash.nt_xent_loss(s, t, 2.0**-126, reduction="none")  # accepted: |rows| < 2**128
+    assert rows.dtype == torch.float32 and torch.isfinite(rows).all()
+    assert torch.isfinite(fasthash.nt_xent_loss(s.double(), t.double(), 2.0**-126))

@@ -171,6 +171,13 @@ def test_ids_and_no_ids_do_not_mix():
         pytest.param(["a", "b", "c", "d"], TypeError, "ids must hold integers", id="str"),
         pytest.param(np.full(4, 2**63, np.uint64), ValueError, r"ids must be < 2\*\*63",
                      id="uint64-huge"),
+        # Python ints beyond int64 make numpy pick float64 / object: a range error, not a type
+        pytest.param([0, 1, 2, 2**63], ValueError, r"2\*\*63.*got 9223372036854775808",
+                     id="list-2**63"),
+        pytest.param([0, -1, 2, 2**63], ValueError,
+                     r"ids must hold int64 ids in \[0, 2\*\*63\), got -1", id="list--1-and-2**63"),
+        pytest.param((0, 1, 2, 2**64), ValueError, r"in \[0, 2\*\*63\), got 18446744073709551616",
+                     id="tuple-2**64"),
         pytest.param(7, TypeError, "ids must be a numpy array, torch tensor or sequence",
                      id="scalar"),
     ],
@@ -308,6 +315,23 @@ def test_damaged_ids_sections_are_refused(tmp_path, mmap):
         HammingIndex.load(path, mmap=mmap)
 
 
+def test_an_ids_checksum_without_ids_is_refused(tmp_path):
+    """A header (valid CRC32) of a file without ids that records an ids CRC is crafted or
+    corrupted: refused, like every other inconsistent field."""
+    plain = HammingIndex(64)
+    plain.add(np.arange(5, dtype=np.uint64).reshape(-1, 1))
+    path = tmp_path / "plain"
+    plain.save(path)
+    raw = bytearray(path.read_bytes())
+    h = F.parse_header(str(path), bytes(raw[: F.HEADER_SIZE]), len(raw))
+    assert not h.has_ids and h.ids_crc == 0
+    raw[: F.HEADER_SIZE] = F.pack_header(64, 5, 1, h.data_crc, 0, 7, 0xDEADBEEF)
+    path.write_bytes(bytes(raw))
+    for mmap in (True, False):
+        with pytest.raises(ValueError, match=r"corrupted header \(ids CRC without ids\)"):
+            HammingIndex.load(path, mmap=mmap)
+
+
 def test_unknown_flags_and_versions_are_refused(tmp_path):
     path, good, h = _saved_with_ids(tmp_path, n=3)
     for fields, match in (((100, 3, 2, h.data_crc, 3, 0, h.ids_crc), "unsupported header flags"),
@@ -367,6 +391,34 @@ def test_pickle_keeps_ids_and_kind(tmp_path, mmap):
     empty = pickle.loads(pickle.dumps(HammingIndex(13)))
     empty.add(codes, ids=ids)  # an undecided index stays undecided
     assert len(empty) == 40
+
+
+class _HandoffLock:
+    """A lock whose first release runs ``then`` at once: another thread's call taking the lock
+    the moment it is free, a deterministic version of the worst thread interleaving."""
+
+    def __init__(self, then):
+        self._lock, self._then = threading.Lock(), [then]
+
+    def __enter__(self):
+        self._lock.acquire()
+
+    def __exit__(self, *exc):
+        self._lock.release()
+        if self._then:
+            self._then.pop()()
+
+
+def test_pickle_takes_the_kind_with_the_same_snapshot():
+    """__getstate__ read the kind after its snapshot's lock was released: an add with ids
+    landing in between pickled 'ids: yes' with no ids array (an index that crashes later)."""
+    index = HammingIndex(64)
+    index._lock = _HandoffLock(lambda: index.add(np.ones((1, 1), np.uint64), ids=[7]))
+    back = pickle.loads(pickle.dumps(index))  # the add lands at the first release
+    assert index.has_ids and index.ids_array().tolist() == [7]
+    assert len(back) == 0 and not back.has_ids and back.ids_array() is None
+    back.add(np.ones((1, 1), np.uint64), ids=[8])  # still undecided: either kind may come
+    _same(back.search(np.ones((1, 1), np.uint64), 1), ([[0]], [[8]]))
 
 
 def test_faiss_idmap_round_trip():

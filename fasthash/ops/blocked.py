@@ -204,6 +204,19 @@ def row_segments(half: int, row_offset: int, row_count: int | None, rows: int | 
     return spans
 
 
+def check_global_vectors(total: int, **vectors: torch.Tensor) -> None:
+    """A backward's ``grad_lse`` / ``lse`` must be the global ``[2B]`` vectors of every row: the
+    forward of a row subset returns only its local ``[2 row_count]``, which (passed here) would
+    be read out of bounds by the kernels."""
+    for name, v in vectors.items():
+        if tuple(v.shape) != (total,):
+            raise ValueError(
+                f"{name} must be the global [2B] = [{total}] vector of every row of [za; zb] "
+                f"(gather the ranks' local [2 row_count] vectors first), got shape "
+                f"{tuple(v.shape)}"
+            )
+
+
 def _row_blocks(spans):
     """``(r0, r1, lo)`` row blocks of at most BLOCK_ROWS global rows, ``lo`` their local start."""
     for g0, g1, l0 in spans:
@@ -296,6 +309,7 @@ def contrastive_lse_backward_cpu(
     dt = compute_dtype(za, zb, lse)
     z = torch.cat([za, zb]).to(dt)
     total, half = z.shape[0], za.shape[0]
+    check_global_vectors(total, grad_lse=grad_lse, lse=lse)
     g = grad_lse.to(dt)
     lse = lse.to(dt)
     zs = z * inv_tau

@@ -34,6 +34,7 @@ import triton.language as tl
 from ._constants import FIXED_SHIFT_LIMIT, LN2, LOG2E
 from ._triton_common import check_device, dot_precision, next_pow2
 from ._triton_common import num_sms as _num_sms
+from .blocked import check_global_vectors, row_segments
 
 _LOG2E = tl.constexpr(LOG2E)  # jit functions may read only constexpr globals
 
@@ -208,11 +209,10 @@ def _prepare(za, zb, row_cluster, col_cluster):
 
 
 def _check_rows(half: int, row_offset: int, row_count: int | None, n_pos: int | None) -> int:
-    """The number of local rows per half of a row subset, checked against the batch."""
+    """The number of local rows per half of a row subset, checked against the batch (by the
+    blocked path's own check, so both paths refuse the same subsets)."""
+    row_segments(half, row_offset, row_count)
     n = half if row_count is None else row_count
-    if not (0 <= row_offset and 0 < n and row_offset + n <= half):
-        raise ValueError(f"row subset [{row_offset}, {row_offset} + {n}) does not fit a batch "
-                         f"of {half}")
     if n_pos is not None and n_pos != n:
         raise ValueError(f"pos must hold {n} positives (one per local row), got {n_pos}")
     return n
@@ -299,6 +299,7 @@ def contrastive_lse_backward(
     n_loc = _check_rows(za.shape[0], row_offset, row_count, None)
     if not 0 < grad_rows <= 2 * n_loc:
         raise ValueError(f"grad_rows must be in [1, {2 * n_loc}], got {grad_rows}")
+    check_global_vectors(total, grad_lse=grad_lse, lse=lse)
     bl, br, bc, warps = _blocks(length, z.device, block_r, block_c)
     n_rt, n_ct = triton.cdiv(grad_rows, br), triton.cdiv(total, bc)
     n_split = _splits(n_rt, n_ct, z.device, splits)
