@@ -10,9 +10,11 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <vector>
 
+#include "fasthash/mih.h"
 #include "fasthash/search.h"
 #include "fasthash/simd_table.h"
 
@@ -204,6 +206,135 @@ std::vector<std::string> available_simd_levels() {
   return out;
 }
 
+// ---- multi-index hashing: fasthash/mih.py validates user input; these checks keep memory
+// accesses in bounds for any caller.
+
+std::shared_ptr<MihTables> mih_new(const py::object& gallery, int64_t bits, int num_tables,
+                                   int num_threads) {
+  const char* fn = "MIHTables";
+  const Words x = words(gallery, fn, "gallery");
+  check(bits >= 1 && bits <= (int64_t(1) << 20), fn, "bits must satisfy 1 <= bits <= 2^20");
+  check(x.words == (bits + 63) / 64, fn, "gallery must have ceil(bits / 64) words per row");
+  check(num_tables >= 1 && num_tables <= bits && (bits + num_tables - 1) / num_tables <= kMihMaxBits,
+        fn, "num_tables must satisfy ceil(bits / 64) <= num_tables <= bits");
+  check(x.rows < int64_t(0xFFFFFFFF), fn, "gallery must have fewer than 2^32 - 1 rows");
+  check(num_threads >= 0 && num_threads <= kMaxThreads, fn, "num_threads must be in [0, 1024]");
+  auto t = std::make_shared<MihTables>();
+  py::gil_scoped_release release;
+  mih_build(x.ptr, x.rows, x.words, bits, num_tables, num_threads, t.get());
+  return t;
+}
+
+MihQuery mih_query(const MihTables& t, const char* fn, const py::object& queries,
+                   const py::object& mask, double budget, double give_up, int num_threads) {
+  const Words q = words(queries, fn, "queries");
+  check(q.words == t.W, fn, "queries must have the tables' words per row");
+  MihQuery in;
+  in.q = q.ptr;
+  in.nq = q.rows;
+  if (!mask.is_none()) {
+    const Words m = words(mask, fn, "mask", true);
+    check(m.words == t.W && (m.rows == 1 || m.rows == in.nq), fn,
+          "mask must be [W], [1, W] or [Q, W] with the words of queries");
+    in.mask = m.ptr;
+    in.mask_rows = m.rows == 1 ? 1 : in.nq;
+  }
+  check(num_threads >= 0 && num_threads <= kMaxThreads, fn, "num_threads must be in [0, 1024]");
+  in.num_threads = num_threads;
+  in.budget = budget;
+  in.give_up = give_up;
+  in.scan_cost = static_cast<double>(t.n) * static_cast<double>(t.W);
+  return in;
+}
+
+py::dict mih_stats(const MihStats& st) {
+  py::dict d;
+  d["probes"] = st.probes;
+  d["entries"] = st.entries;
+  d["not_done"] = st.not_done;
+  return d;
+}
+
+py::tuple mih_topk_py(const MihTables& t, const py::object& queries, int64_t k,
+                      const py::object& mask, double budget, double give_up, int num_threads) {
+  const MihQuery in = mih_query(t, "MIHTables.topk", queries, mask, budget, give_up, num_threads);
+  check(k >= 1 && k <= t.n, "MIHTables.topk", "k must satisfy 1 <= k <= rows");
+  py::array_t<int32_t> d({in.nq, k});
+  py::array_t<int64_t> i({in.nq, k});
+  py::array_t<uint8_t> done(in.nq);
+  int32_t* dp = d.mutable_data();
+  int64_t* ip = i.mutable_data();
+  uint8_t* op = done.mutable_data();
+  MihStats st;
+  if (in.nq > 0) {
+    py::gil_scoped_release release;
+    mih_topk(t, in, k, dp, ip, op, &st);
+  }
+  return py::make_tuple(d, i, done.attr("astype")("bool"), mih_stats(st));
+}
+
+py::tuple mih_radius_py(const MihTables& t, const py::object& queries, int64_t r,
+                        const py::object& mask, double budget, double give_up, int num_threads) {
+  const MihQuery in =
+      mih_query(t, "MIHTables.radius", queries, mask, budget, give_up, num_threads);
+  check(r >= 0, "MIHTables.radius", "r must be >= 0");
+  check(t.n >= 1, "MIHTables.radius", "the tables must hold at least one code");
+  py::array_t<int64_t> lims(in.nq + 1);
+  py::array_t<uint8_t> done(in.nq);
+  int64_t* lp = lims.mutable_data();
+  uint8_t* op = done.mutable_data();
+  std::vector<int32_t> dv;
+  std::vector<int64_t> iv;
+  MihStats st;
+  lp[0] = 0;
+  if (in.nq > 0) {
+    py::gil_scoped_release release;
+    mih_radius(t, in, r, lp, &dv, &iv, op, &st);
+  }
+  py::array_t<int32_t> d(static_cast<py::ssize_t>(dv.size()));
+  py::array_t<int64_t> i(static_cast<py::ssize_t>(iv.size()));
+  if (!dv.empty()) {
+    std::memcpy(d.mutable_data(), dv.data(), dv.size() * sizeof(int32_t));
+    std::memcpy(i.mutable_data(), iv.data(), iv.size() * sizeof(int64_t));
+  }
+  return py::make_tuple(lims, d, i, done.attr("astype")("bool"), mih_stats(st));
+}
+
+std::vector<int> mih_table_bits(const MihTables& t) {
+  std::vector<int> out;
+  for (const MihTable& tb : t.tables) out.push_back(tb.len);
+  return out;
+}
+
+void bind_mih(py::module_& m) {
+  py::class_<MihTables, std::shared_ptr<MihTables>>(
+      m, "MIHTables",
+      "Multi-index hashing tables over packed codes (csrc/include/fasthash/mih.h); built from "
+      "a gallery [N, W], which they copy (m (8 W + 4) bytes per code + directories).")
+      .def(py::init(&mih_new), py::arg("gallery"), py::arg("bits"), py::arg("num_tables"),
+           py::arg("num_threads") = 0)
+      .def("topk", &mih_topk_py, py::arg("queries"), py::arg("k"), py::arg("mask") = py::none(),
+           py::arg("budget") = 0.0, py::arg("give_up") = 0.0, py::arg("num_threads") = 0,
+           "Exact top-k: (int32 d [Q, k], int64 positions [Q, k], bool done [Q], stats); rows "
+           "of queries not done are unspecified. budget: per-query cost limit in scan units (N W "
+           "per query scanned; <= 0 unlimited); give_up > 0: stop probing once the average cost "
+           "of finished queries (aborted ones + one scan) passes give_up scans.")
+      .def("radius", &mih_radius_py, py::arg("queries"), py::arg("r"),
+           py::arg("mask") = py::none(), py::arg("budget") = 0.0, py::arg("give_up") = 0.0,
+           py::arg("num_threads") = 0,
+           "Radius search: (lims, d, positions, bool done [Q], stats); queries not done have no "
+           "results.")
+      .def_property_readonly("n", [](const MihTables& t) { return t.n; })
+      .def_property_readonly("bits", [](const MihTables& t) { return t.bits; })
+      .def_property_readonly("num_tables",
+                             [](const MihTables& t) { return static_cast<int>(t.tables.size()); })
+      .def_property_readonly("table_bits", &mih_table_bits)
+      .def_property_readonly("nbytes", &MihTables::nbytes);
+  m.attr("MIH_PROBE_COST") = kMihProbeCost;
+  m.attr("MIH_ENTRY_COST") = kMihEntryCost;
+  m.attr("MIH_MAX_WILDCARDS") = kMihMaxWildcards;
+}
+
 }  // namespace
 }  // namespace fasthash
 
@@ -232,4 +363,5 @@ PYBIND11_MODULE(_C, m) {
         "SIMD levels this CPU supports, slowest first.");
   m.def("hardware_threads", &hardware_threads, "Threads used when num_threads is 0.");
   m.attr("MAX_THREADS") = kMaxThreads;
+  bind_mih(m);
 }

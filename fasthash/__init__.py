@@ -26,8 +26,11 @@ _EXPORTS = {
     "hamming_topk": "fasthash.search",
     "hamming_radius": "fasthash.search",
     "HammingIndex": "fasthash.index",
+    "MIHIndex": "fasthash.mih",
 }
-_SUBMODULES = {"codes", "reference", "functional", "nn", "search", "index", "env", "ops"}
+_SUBMODULES = {
+    "codes", "reference", "functional", "nn", "search", "index", "mih", "distributed", "env", "ops",
+}
 
 __all__ = sorted(_EXPORTS) + sorted(_SUBMODULES)
 

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # make sanitize: build fasthash._C with AddressSanitizer + UndefinedBehaviorSanitizer into a
 # separate folder (build/sanitize; the in-place .so is untouched), then run tests/test_search.py,
-# tests/test_index.py and the packed-code properties tests/test_properties.py (ci profile: odd
-# layouts, misaligned and strided arrays straight into _C) against it at every SIMD level the
+# tests/test_index.py, tests/test_mih.py (multi-index hashing) and the packed-code properties
+# tests/test_properties.py (ci profile: odd layouts, misaligned and strided arrays straight into
+# _C) against it at every SIMD level the
 # CPU has (FASTHASH_SIMD=...). SANITIZE_TESTS overrides the list of test files.
 #
 # The tests run from a copy of the package (build/sanitize/tree: fasthash/ with the sanitized
@@ -29,7 +30,7 @@ if ! TREE=$("$PY" fuzz/build_ext.py "$OUT" --cxx "${CXX:-g++}" --flags "$FLAGS" 
   echo "sanitize: UNCLEAN (the sanitized build failed)"; exit 2
 fi
 T_BUILD=$(( $(date +%s) - T0 ))
-TESTS=${SANITIZE_TESTS:-tests/test_search.py tests/test_index.py tests/test_properties.py}
+TESTS=${SANITIZE_TESTS:-tests/test_search.py tests/test_index.py tests/test_mih.py tests/test_properties.py}
 rm -rf "$TREE/tests"; mkdir -p "$TREE/tests"
 cp tests/conftest.py tests/property_support.py $TESTS "$TREE/tests/"
 cp pyproject.toml "$TREE/"
