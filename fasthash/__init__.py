@@ -29,7 +29,8 @@ _EXPORTS = {
     "MIHIndex": "fasthash.mih",
 }
 _SUBMODULES = {
-    "codes", "reference", "functional", "nn", "search", "index", "mih", "distributed", "env", "ops",
+    "codes", "reference", "functional", "nn", "search", "index", "mih", "distributed", "sharded",
+    "env", "ops",
 }
 
 __all__ = sorted(_EXPORTS) + sorted(_SUBMODULES)
