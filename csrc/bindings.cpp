@@ -7,10 +7,12 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -225,8 +227,13 @@ std::shared_ptr<MihTables> mih_new(const py::object& gallery, int64_t bits, int 
   return t;
 }
 
+// Without an explicit budget a query may probe for 4 scans of itself (then the caller scans
+// it): an unlimited probe of a large radius can take practically forever.
+constexpr double kMihDefaultBudgetScans = 4.0;
+
 MihQuery mih_query(const MihTables& t, const char* fn, const py::object& queries,
-                   const py::object& mask, double budget, double give_up, int num_threads) {
+                   const py::object& mask, std::optional<double> budget, double give_up,
+                   int num_threads) {
   const Words q = words(queries, fn, "queries");
   check(q.words == t.W, fn, "queries must have the tables' words per row");
   MihQuery in;
@@ -241,9 +248,11 @@ MihQuery mih_query(const MihTables& t, const char* fn, const py::object& queries
   }
   check(num_threads >= 0 && num_threads <= kMaxThreads, fn, "num_threads must be in [0, 1024]");
   in.num_threads = num_threads;
-  in.budget = budget;
   in.give_up = give_up;
   in.scan_cost = static_cast<double>(t.n) * static_cast<double>(t.W);
+  check(!budget || *budget > 0, fn, "budget must be > 0 (math.inf: unlimited) or None");
+  in.budget = budget ? *budget : kMihDefaultBudgetScans * in.scan_cost;
+  if (std::isinf(in.budget)) in.budget = 0;  // unlimited
   return in;
 }
 
@@ -252,11 +261,15 @@ py::dict mih_stats(const MihStats& st) {
   d["probes"] = st.probes;
   d["entries"] = st.entries;
   d["not_done"] = st.not_done;
+  d["aborted"] = st.aborted;
+  d["given_up"] = st.given_up;
+  d["cost"] = st.cost;
   return d;
 }
 
 py::tuple mih_topk_py(const MihTables& t, const py::object& queries, int64_t k,
-                      const py::object& mask, double budget, double give_up, int num_threads) {
+                      const py::object& mask, std::optional<double> budget, double give_up,
+                      int num_threads) {
   const MihQuery in = mih_query(t, "MIHTables.topk", queries, mask, budget, give_up, num_threads);
   check(k >= 1 && k <= t.n, "MIHTables.topk", "k must satisfy 1 <= k <= rows");
   py::array_t<int32_t> d({in.nq, k});
@@ -274,7 +287,8 @@ py::tuple mih_topk_py(const MihTables& t, const py::object& queries, int64_t k,
 }
 
 py::tuple mih_radius_py(const MihTables& t, const py::object& queries, int64_t r,
-                        const py::object& mask, double budget, double give_up, int num_threads) {
+                        const py::object& mask, std::optional<double> budget, double give_up,
+                      int num_threads) {
   const MihQuery in =
       mih_query(t, "MIHTables.radius", queries, mask, budget, give_up, num_threads);
   check(r >= 0, "MIHTables.radius", "r must be >= 0");
@@ -314,16 +328,19 @@ void bind_mih(py::module_& m) {
       .def(py::init(&mih_new), py::arg("gallery"), py::arg("bits"), py::arg("num_tables"),
            py::arg("num_threads") = 0)
       .def("topk", &mih_topk_py, py::arg("queries"), py::arg("k"), py::arg("mask") = py::none(),
-           py::arg("budget") = 0.0, py::arg("give_up") = 0.0, py::arg("num_threads") = 0,
-           "Exact top-k: (int32 d [Q, k], int64 positions [Q, k], bool done [Q], stats); rows "
-           "of queries not done are unspecified. budget: per-query cost limit in scan units (N W "
-           "per query scanned; <= 0 unlimited); give_up > 0: stop probing once the average cost "
-           "of finished queries (aborted ones + one scan) passes give_up scans.")
+           py::arg("budget") = py::none(), py::arg("give_up") = 0.0, py::arg("num_threads") = 0,
+           "Exact top-k: (int32 d [Q, k], int64 positions [Q, k], bool done [Q], stats dict: "
+           "probes, entries, not_done, aborted, given_up, cost); rows of queries not done are "
+           "unspecified. budget: per-query cost limit in scan units (N W per query scanned), "
+           "> 0; None (default): 4 scans; math.inf: unlimited (a large k or radius can then "
+           "run practically forever). A query stops before a bucket read would pass it. "
+           "give_up > 0: stop probing once the cost of finished queries (aborted ones + one "
+           "scan) passes give_up * max(finished, 16) scans.")
       .def("radius", &mih_radius_py, py::arg("queries"), py::arg("r"),
-           py::arg("mask") = py::none(), py::arg("budget") = 0.0, py::arg("give_up") = 0.0,
-           py::arg("num_threads") = 0,
+           py::arg("mask") = py::none(), py::arg("budget") = py::none(),
+           py::arg("give_up") = 0.0, py::arg("num_threads") = 0,
            "Radius search: (lims, d, positions, bool done [Q], stats); queries not done have no "
-           "results.")
+           "results. budget, give_up: as in topk.")
       .def_property_readonly("n", [](const MihTables& t) { return t.n; })
       .def_property_readonly("bits", [](const MihTables& t) { return t.bits; })
       .def_property_readonly("num_tables",

@@ -13,7 +13,8 @@ equal :func:`fasthash.hamming_topk` / :func:`~fasthash.hamming_radius` exactly, 
 
 Default m: substrings of about log2(N) bits, ``m = round(L / log2 N)`` (the paper's rule),
 clamped to ``[ceil(L / 64), L]`` (a substring has at most 64 bits), chosen when the tables are
-built and recorded in :attr:`MIHIndex.num_tables` and in saved files.
+built (:attr:`MIHIndex.num_tables`). Saved files record only an m given by the user (a default
+one is chosen again, from the N of the loaded file).
 
 Memory per code: the HammingIndex's ``8 W`` bytes plus, per table, one entry holding a copy of
 the code and its u32 position (``8 W + 4`` bytes: a probe reads its bucket sequentially) and a
@@ -39,7 +40,7 @@ import torch
 from ._checks import check_int, check_radius, check_threads
 from .codes import ArrayLike, as_words
 from .index import HammingIndex
-from .search import IdsLike, hamming_radius, hamming_topk
+from .search import IdsLike, hamming_radius, hamming_topk, merge_radius, merge_topk
 
 try:
     from . import _C
@@ -56,9 +57,24 @@ _MAX_CODES = (1 << 32) - 2  # the tables hold u32 positions
 # of fasthash._C.MIH_PROBE_COST / MIH_ENTRY_COST): past it the query is finished by the scan.
 _AUTO_BUDGET = 0.15
 _FORCED_BUDGET = 4.0
-# auto: once the average cost of the finished queries (an aborted one: its probing + its scan)
-# passes this many scans, the remaining queries are scanned
+# auto: once the cost of the finished queries (an aborted one: its probing + its scan) passes
+# this many scans per query, counting at least 16 queries, the remaining queries are scanned
 _AUTO_GIVE_UP = 0.4
+
+
+def _available_memory() -> int | None:
+    """Bytes the system can still give this process (MemAvailable, else free pages), or None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - not POSIX
+        return None
 
 
 def default_num_tables(bits: int, n: int) -> int:
@@ -100,18 +116,25 @@ class MIHIndex:
     C++ tables (``fasthash._C.MIHTables``) are built lazily from a consistent snapshot before
     the first MIH search after a change (``add``, ``remove_ids``, ``load``): one counting sort
     per table, threaded over tables (10^7 64-bit codes, m = 3: about 3 s on 2 busy cores).
+    The old tables are dropped first, and only tables of the current snapshot are kept. A build
+    whose entries (``m N (8 W + 4)`` bytes) exceed the available memory is refused with a
+    ``MemoryError`` naming m and the bytes (``method="auto"`` then scans). A memory-mapped file
+    is checked before a build and by the fallback scan: a truncated one raises ``OSError``.
     Searches may run concurrently with each other and with ``add``.
 
     ``method``: ``"scan"`` is the HammingIndex's scan. ``"mih"`` probes the tables for every
-    query; a query whose mask leaves no table, or whose probing passes 4x the cost of
-    scanning it (e.g. m = 1 on 64-bit codes), is finished by the scan: results are exact
-    always. ``"auto"`` scans galleries of fewer than 4096 codes, codes longer than 256 bits,
-    radius searches with ``r >= bits``; otherwise it probes each query with a budget of 0.15 of
-    its scan cost (the queries that exceed it are finished by the scan), and once 16 queries
-    have finished and their average cost (an aborted query: its probing plus its scan) passes
-    0.4 scans, it scans all the rest. Costs are the C++ cost model (counted probes and bucket
-    entries, ``fasthash._C.MIH_PROBE_COST`` / ``MIH_ENTRY_COST`` in units of one word distance
-    of the scan), so the choice is deterministic; a query's work is bounded by its budget.
+    query with a budget of 4x the cost of scanning it (e.g. m = 1 on 64-bit codes exceeds it);
+    a query whose mask leaves no table, or whose next probe or bucket read would pass its
+    budget, is finished by the scan: results are exact always. ``"auto"`` scans galleries of
+    fewer than 4096 codes, codes longer than 256 bits, radius searches with ``r >= bits``;
+    otherwise it probes each query with a budget of 0.15 of its scan cost (a query stops before
+    reading a bucket that would pass it, e.g. one of many duplicate codes, and is finished by
+    the scan), and once the cost of the finished queries (an aborted query: its probing plus
+    its scan) passes 0.4 scans per query, counting at least 16 queries, it scans all the rest.
+    Costs are the C++ cost model (counted probes and bucket entries,
+    ``fasthash._C.MIH_PROBE_COST`` / ``MIH_ENTRY_COST`` in units of one word distance of the
+    scan), so the choice is deterministic: a query's probing costs at most its budget plus one
+    probe. The fallback scan is the HammingIndex's (segmented and checked for a mapped file).
 
     Args:
         bits: the code length L, 1 <= L <= 16384 (m <= L tables of <= 64 bits).
@@ -187,16 +210,37 @@ class MIHIndex:
         return self._index.snapshot()
 
     # ---- tables
-    def _tables_for(self, words: np.ndarray, num_threads: int = 0):
-        """The tables of this snapshot, built now if the last ones are of other codes."""
+    def _tables_for(self, words: np.ndarray, mapped=None, num_threads: int = 0):
+        """The tables of this snapshot, built now if the last ones are of other codes; cached
+        only while the snapshot is the index's current one."""
         if _C is None:
             raise RuntimeError("MIHIndex needs the compiled core fasthash._C (method='scan' works)")
         with self._lock:
             built = self._built
-            if built is None or built[0] is not words:
-                m = self._fixed or default_num_tables(self.bits, words.shape[0])
-                self._built = built = (words, _C.MIHTables(words, self.bits, m, num_threads))
-            return built[1]
+            if built is not None and built[0] is words:
+                return built[1]
+            current = self._index._snapshot()[0] is words
+            if current:
+                self._built = built = None  # the old tables go before the new ones are made
+            m = self._fixed or default_num_tables(self.bits, words.shape[0])
+            self._check_memory(words.shape[0], m)
+            if mapped is not None:
+                mapped.check()  # reading a truncated map would SIGBUS
+            tables = _C.MIHTables(words, self.bits, m, num_threads)
+            if current:  # a search of an older snapshot must not replace a newer cache
+                self._built = (words, tables)
+            return tables
+
+    def _check_memory(self, n: int, m: int) -> None:
+        """Refuse a build whose entries (m N (8 W + 4) bytes) exceed the available memory."""
+        need = m * n * (8 * self.words + 4)
+        avail = _available_memory()
+        if avail is not None and need > avail:
+            raise MemoryError(
+                f"MIHIndex: num_tables = {m} tables of {n} codes need {need} bytes, but only "
+                f"{avail} bytes of memory are available; use fewer tables (num_tables) or "
+                "method='scan'"
+            )
 
     def build(self, num_threads: int | None = None) -> None:
         """Build the tables for the current codes now (otherwise the first MIH search does).
@@ -206,9 +250,9 @@ class MIHIndex:
             >>> index.num_tables, index.table_bytes() > 0
             (5, True)
         """
-        words = self._index.snapshot()[0]
+        words, _, mapped = self._index._snapshot()
         if words.shape[0]:
-            self._tables_for(words, check_threads(num_threads))
+            self._tables_for(words, mapped, check_threads(num_threads))
 
     def table_bytes(self) -> int:
         """Bytes held by the built tables (0 before they are built)."""
@@ -217,9 +261,9 @@ class MIHIndex:
 
     # ---- search
     def _prepare(self, queries, mask, method: str, num_threads):
-        """(words, ids, q, mask words or None, threads, use_mih) for a search."""
+        """(words, ids, map, q, mask words or None, threads, use_mih) for a search."""
         method = _check_method(method)
-        words, ids = self._index.snapshot()
+        words, ids, mapped = self._index._snapshot()
         n = words.shape[0]
         if n == 0:
             raise ValueError("the index is empty: add codes before searching")
@@ -239,7 +283,16 @@ class MIHIndex:
         use = method == "mih" or (
             method == "auto" and _MIN_AUTO_N <= n <= _MAX_CODES and self.bits <= _MAX_AUTO_BITS
         )
-        return words, ids, q, m, threads, use
+        return words, ids, mapped, q, m, threads, use
+
+    def _search_tables(self, words: np.ndarray, mapped, threads: int, method: str):
+        """The tables for a search; None (scan instead) when ``auto`` finds no memory for them."""
+        try:
+            return self._tables_for(words, mapped, threads)
+        except MemoryError:
+            if method == "auto":
+                return None
+            raise
 
     def _budget(self, words: np.ndarray, method: str) -> tuple[float, float]:
         """(per-query budget, give-up ratio) of a method (see the class docstring)."""
@@ -271,23 +324,32 @@ class MIHIndex:
             (int32 distances, int64 ids or positions) ordered by (distance, position); torch
             tensors for torch queries.
 
+        Raises:
+            MemoryError: ``method="mih"`` and no memory for the tables (see the class docstring).
+            OSError: the memory-mapped file was truncated.
+
         Example:
             >>> index = MIHIndex(8); index.add(np.array([[1], [3], [1]], np.uint64))
             >>> [v.tolist() for v in index.search(np.array([[1]], np.uint64), 3, method="mih")]
             [[[0, 0, 1]], [[0, 2, 1]]]
         """
-        words, ids, q, m, threads, use = self._prepare(queries, mask, method, num_threads)
+        words, ids, mapped, q, m, threads, use = self._prepare(queries, mask, method, num_threads)
         if not use:
             return self._index.search(queries, k, mask, num_threads=num_threads)
         k = check_int(k, "k", 1, words.shape[0])
         budget, give_up = self._budget(words, method)
-        tables = self._tables_for(words, threads)
+        tables = self._search_tables(words, mapped, threads, method)
+        if tables is None:
+            return self._index.search(queries, k, mask, num_threads=num_threads)
         d, pos, done, _ = tables.topk(q, k, m, budget, give_up, threads)
         if not done.all():
-            rest = ~done
-            d[rest], pos[rest] = hamming_topk(q[rest], words, k, _rows(m, rest),
-                                              num_threads=num_threads)
-        out = (d, pos if ids is None else np.asarray(ids[pos], dtype=np.int64))
+            rest, best = ~done, None
+            for lo, seg in self._index._segments(words, mapped):  # checks a mapped file
+                dd, ii = hamming_topk(q[rest], seg, min(k, seg.shape[0]), _rows(m, rest),
+                                      num_threads=num_threads)
+                best = (dd, ii + lo) if best is None else merge_topk([best, (dd, ii + lo)], k)
+            d[rest], pos[rest] = best
+        out = (d, HammingIndex._label(pos, ids, mapped))
         return tuple(torch.from_numpy(a) for a in out) if isinstance(queries, torch.Tensor) else out
 
     def range_search(
@@ -318,23 +380,30 @@ class MIHIndex:
             >>> [v.tolist() for v in index.range_search(np.array([[1]], np.uint64), 0)]
             [[0, 2], [0, 0], [0, 2]]
         """
-        words, ids, q, m, threads, use = self._prepare(queries, mask, method, num_threads)
+        words, ids, mapped, q, m, threads, use = self._prepare(queries, mask, method, num_threads)
         r = check_radius(r)
         if not use or (method == "auto" and r >= self.bits):
             return self._index.range_search(queries, r, mask, num_threads=num_threads)
         budget, give_up = self._budget(words, method)
-        tables = self._tables_for(words, threads)
+        tables = self._search_tables(words, mapped, threads, method)
+        if tables is None:
+            return self._index.range_search(queries, r, mask, num_threads=num_threads)
         lims, d, pos, done, _ = tables.radius(q, min(r, self.bits), m, budget, give_up, threads)
         if not done.all():
-            rest = ~done
-            part = hamming_radius(q[rest], words, r, _rows(m, rest), num_threads=num_threads)
+            rest, parts = ~done, []
+            for lo, seg in self._index._segments(words, mapped):  # checks a mapped file
+                pl, pd, pi = hamming_radius(q[rest], seg, r, _rows(m, rest),
+                                            num_threads=num_threads)
+                parts.append((pl, pd, pi + lo))
+            part = parts[0] if len(parts) == 1 else merge_radius(parts, int(rest.sum()))
             lims, d, pos = _splice_radius((lims, d, pos), part, rest)
-        out = (lims, d, pos if ids is None else np.asarray(ids[pos], dtype=np.int64))
+        out = (lims, d, HammingIndex._label(pos, ids, mapped))
         return tuple(torch.from_numpy(a) for a in out) if isinstance(queries, torch.Tensor) else out
 
     # ---- persistence
     def save(self, path: str | os.PathLike) -> None:
-        """Write a HammingIndex file (format v2, checksummed) recording :attr:`num_tables`.
+        """Write a HammingIndex file (format v2, checksummed) recording the ``num_tables``
+        given to the constructor (none for the default rule: a load chooses it for its N).
 
         Example:
             >>> import tempfile, os.path
@@ -344,7 +413,7 @@ class MIHIndex:
             ...     MIHIndex.load(os.path.join(d, "g.fhidx"), mmap=False).num_tables
             2
         """
-        self._index._save(path, tables=self.num_tables)
+        self._index._save(path, tables=self._fixed or 0)
 
     @classmethod
     def load(cls, path: str | os.PathLike, mmap: bool = True, verify: bool = True) -> MIHIndex:
@@ -371,7 +440,8 @@ class MIHIndex:
     @classmethod
     def from_faiss(cls, index, num_tables: int | None = None) -> MIHIndex:
         """From a ``faiss.IndexBinaryFlat``, an ``IndexBinaryIDMap`` around one (ids kept), or
-        an ``IndexBinaryMultiHash`` (its codes; its ``nhash`` is the default ``num_tables``).
+        an ``IndexBinaryMultiHash`` (its codes; its ``nhash`` is the default ``num_tables``
+        when it is a valid count for ``d`` bits, ``ceil(d / 64) <= nhash <= d``).
 
         Args:
             index: the FAISS index (codes and ids are copied).
@@ -383,7 +453,8 @@ class MIHIndex:
         import faiss
 
         if isinstance(index, faiss.IndexBinaryMultiHash):
-            if num_tables is None and index.nhash <= index.d:
+            lo = -(-int(index.d) // 64)
+            if num_tables is None and lo <= int(index.nhash) <= int(index.d):
                 num_tables = int(index.nhash)
             index = faiss.downcast_IndexBinary(index.storage)
         inner = HammingIndex.from_faiss(index)

@@ -127,14 +127,14 @@ def test_masks_mih_path_and_scan_fallback(level):
     per_query = ~(rng.integers(0, 2**64, (24, 1), dtype=np.uint64) & np.uint64(0x0101_0000_0303))
     tables = C.MIHTables(x, bits, 3)
     for m in (few_off.reshape(1), per_query):
-        assert tables.topk(q, 5, m)[2].all()  # MIH answered every query
+        assert tables.topk(q, 5, m, float("inf"))[2].all()  # MIH answered every query
         check_topk(index, q, x, (1, 5, 300), m)
         check_radius(index, q, x, (0, 4, 9), m)
     # every table loses > 10 of its ~21 bits: no table is usable, the scan answers (still exact)
     heavy = np.full(1, np.uint64(0x8888_8888_8888_8888))
     mixed = np.where(np.arange(24)[:, None] % 2 == 0, heavy, per_query)
-    assert not tables.topk(q, 5, heavy)[2].any()
-    assert tables.topk(q, 5, mixed)[2].tolist() == [i % 2 == 1 for i in range(24)]
+    assert not tables.topk(q, 5, heavy, float("inf"))[2].any()
+    assert tables.topk(q, 5, mixed, float("inf"))[2].tolist() == [i % 2 == 1 for i in range(24)]
     for m in (heavy, mixed, np.zeros(1, np.uint64)):
         for method in ("mih", "auto"):
             check_topk(index, q, x, (1, 50), m, method=method)
@@ -301,3 +301,181 @@ def test_fuzz_small_random_configs():
         check_topk(index, q, x, sorted({1, int(rng.integers(1, n + 1)), n}), mask)
         check_radius(index, q, x, (0, int(rng.integers(0, bits + 2))), mask)
 
+
+
+# ----------------------------------------------------------------------------- review fixes
+@pytest.mark.parametrize("kind", ["identical", "two codes"])
+def test_huge_buckets_abort_before_reading_them(kind):
+    """Duplicate codes make one bucket of ~N entries: a query stops before reading it (its
+    budget would be passed) and is finished by the scan, exactly; the engine's counters show
+    no bucket entry was read."""
+    rng = np.random.default_rng(14)
+    n = 20000
+    x = np.full((n, 1), 0x1234, np.uint64)
+    if kind == "two codes":
+        x[rng.integers(0, 2, n) == 1] = np.uint64(0xFFFF0000FFFF)
+    q = np.concatenate([x[:5], rng.integers(0, 2**64, (6, 1), dtype=np.uint64)])
+    index = MIHIndex(64)
+    index.add(x)
+    for method in ("auto", "mih"):
+        check_topk(index, q, x, (1, 10), method=method)
+        check_radius(index, q, x, (0, 3), method=method)
+    words = index.words_array()
+    tables = index._tables_for(words)
+    for method in ("auto", "mih"):
+        budget, give_up = index._budget(words, method)
+        _, _, done, st = tables.topk(x[:5], 10, None, budget, give_up, 2)
+        assert not done.any() and st["aborted"] == 5, st
+        assert st["entries"] == 0 and st["cost"] <= 5 * C.MIH_PROBE_COST, st
+    # a small batch stops too: 12 aborted queries pass 0.4 scans x 16 after 6 of them
+    budget, give_up = index._budget(words, "auto")
+    _, _, done, st = tables.topk(np.repeat(x[:1], 12, 0), 1, None, budget, give_up, 2)
+    assert not done.any() and st["given_up"] >= 3, st
+
+
+def test_truncated_map_raises_for_mih_instead_of_sigbus(tmp_path):
+    import pathlib
+    import subprocess
+    import sys
+    import textwrap
+
+    code = """
+        import os, sys
+        import numpy as np
+        from fasthash import MIHIndex
+        path = sys.argv[1]
+        x = np.random.default_rng(0).integers(0, 2**63, (200_000, 1), dtype=np.uint64)
+        a = MIHIndex(64)
+        a.add(x, ids=np.arange(200_000))
+        a.save(path)
+        b, c = MIHIndex.load(path, mmap=True), MIHIndex.load(path, mmap=True)
+        c.search(x[:2], 1, method="mih")  # built before the truncation
+        os.truncate(path, 4096 + 8 * 100)
+        for name, call in [("mih", lambda: b.search(x[:2], 1, method="mih")),
+                           ("auto", lambda: b.search(x[:2], 1, method="auto")),
+                           ("build", b.build),
+                           ("radius", lambda: b.range_search(x[:2], 3, method="mih")),
+                           ("built", lambda: c.search(x[:2], 1, method="mih"))]:
+            try:
+                call()
+            except OSError as e:
+                assert path in str(e) and "shrank" in str(e), (name, e)
+            else:
+                raise SystemExit(name + " did not raise")
+        print("OK")
+    """
+    root = pathlib.Path(fasthash.__file__).parents[1]  # the package this test imported
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code), str(tmp_path / "g.fhidx")],
+                         capture_output=True, text=True, cwd=root, timeout=120)
+    assert out.returncode == 0, (out.returncode, out.stdout, out.stderr[-2000:])
+    assert out.stdout.split()[-1] == "OK"
+
+
+def test_save_records_only_a_user_table_count(tmp_path):
+    rng = np.random.default_rng(15)
+    x = rng.integers(0, 2**64, (5000, 1), dtype=np.uint64)
+    for n in (0, 100):
+        index = MIHIndex(64)
+        index.add(x[:n])
+        index.save(tmp_path / "d.fhidx")
+        back = MIHIndex.load(tmp_path / "d.fhidx", mmap=False)
+        back.add(x[n:])
+        assert back.num_tables == default_num_tables(64, 5000) == 5  # chosen for the new N
+        check_topk(back, x[:3], x, (2,))
+    fixed = MIHIndex(64, num_tables=7)
+    fixed.save(tmp_path / "f.fhidx")
+    back = MIHIndex.load(tmp_path / "f.fhidx", mmap=False)
+    back.add(x)
+    assert back.num_tables == 7
+
+
+def test_build_refused_without_memory(monkeypatch):
+    import fasthash.mih as mih
+
+    x = np.random.default_rng(16).integers(0, 2**64, (5000, 1), dtype=np.uint64)
+    index = MIHIndex(64)
+    index.add(x)
+    monkeypatch.setattr(mih, "_available_memory", lambda: 10**5)
+    need = 5 * 5000 * 12
+    for call in (index.build, lambda: index.search(x[:2], 1, method="mih")):
+        with pytest.raises(MemoryError, match=f"num_tables = 5 .*{need} bytes"):
+            call()
+    check_topk(index, x[:3], x, (4,), method="auto")  # auto scans instead
+    check_topk(index, x[:3], x, (4,), method="scan")
+    assert index.table_bytes() == 0
+    monkeypatch.setattr(mih, "_available_memory", lambda: need)
+    index.build()
+    assert index.table_bytes() > 0
+
+
+@pytest.mark.skipif("libasan" in __import__("os").environ.get("LD_PRELOAD", ""),
+                    reason="ASan reserves the address space that RLIMIT_AS limits")
+def test_bad_alloc_in_the_build_is_a_memory_error():
+    import pathlib
+    import subprocess
+    import sys
+    import textwrap
+
+    code = """
+        import resource
+        import numpy as np
+        import fasthash._C as C
+        x = np.zeros((4_000_000, 1), np.uint64)
+        C.MIHTables(x[:10], 64, 2)  # the pool's threads start before the limit
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        with open("/proc/self/statm") as f:
+            used = int(f.read().split()[0]) * resource.getpagesize()
+        resource.setrlimit(resource.RLIMIT_AS, (used + (150 << 20), hard))
+        try:
+            C.MIHTables(x, 64, 16, 2)  # 16 x 4e6 x 12 bytes of entries
+        except MemoryError:
+            print("OK")
+    """
+    root = pathlib.Path(fasthash.__file__).parents[1]
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)],
+                         capture_output=True, text=True, cwd=root, timeout=120)
+    assert out.returncode == 0 and out.stdout.split()[-1:] == ["OK"], (out.stdout, out.stderr)
+
+
+def test_rebuild_drops_old_tables_and_keeps_the_newest(monkeypatch):
+    import fasthash.mih as mih
+
+    x = np.random.default_rng(17).integers(0, 2**64, (6000, 1), dtype=np.uint64)
+    index = MIHIndex(64)
+    index.add(x[:3000])
+    index.build()
+    old = index._index._snapshot()
+    index.add(x[3000:])
+    seen, real = [], mih._C.MIHTables
+    monkeypatch.setattr(mih._C, "MIHTables", lambda *a: seen.append(index._built) or real(*a))
+    index.build()
+    assert seen == [None]  # the old tables were released before the new build
+    newest = index._built
+    assert newest[0].shape[0] == 6000
+    stale = index._tables_for(old[0], old[2])  # a search that took its snapshot before the add
+    assert stale.n == 3000 and index._built is newest
+    check_topk(index, x[:3], x, (5,))
+
+
+def test_faiss_multihash_with_few_tables():
+    faiss = pytest.importorskip("faiss")
+    x = np.random.default_rng(18).integers(0, 2**64, (500, 2), dtype=np.uint64)
+    mh = faiss.IndexBinaryMultiHash(128, 1, 16)  # nhash = 1 < ceil(128 / 64): default m
+    mh.add(fasthash.to_faiss_bytes(x, 128))
+    back = MIHIndex.from_faiss(mh)
+    assert back.num_tables == default_num_tables(128, 500)
+    check_topk(back, x[:4], x, (1, 9))
+
+
+def test_engine_default_budget_is_finite():
+    """The binding's default budget is 4 scans: a radius no probe order can reach quickly
+    (m = 2 tables of 50 bits, r = 60) stops and is left to the scan."""
+    x = np.random.default_rng(19).integers(0, 2**36, (3000, 2), dtype=np.uint64)
+    tables = C.MIHTables(x, 100, 2)
+    lims, d, i, done, st = tables.radius(x[:3], 60)
+    assert not done.any() and st["aborted"] == 3 and lims[-1] == 0
+    assert st["cost"] <= 3 * (4 * 3000 * 2 + C.MIH_PROBE_COST)
+    with pytest.raises(ValueError, match="budget"):
+        tables.topk(x[:1], 1, None, 0.0)
+    _, _, done, st = tables.topk(x[:2], 1, None, float("inf"))  # unlimited
+    assert done.all() and st["aborted"] == 0

@@ -63,8 +63,10 @@ struct QueryState {
   int64_t k;        // 0: radius search
   uint64_t thr;     // accept keys < thr
   int64_t cap;
+  double budget;    // <= 0: unlimited
   double cost = 0;
   int64_t probes = 0, entries = 0;
+  bool over = false;  // the budget ran out
 
   // top-k: keep the k smallest keys and accept only smaller ones afterwards
   void compact() {
@@ -95,6 +97,12 @@ struct QueryState {
       e = tb.off[u + 1];
     }
     const int64_t W = t.W, stride = t.stride;
+    // checked before the bucket is read: one huge bucket (many equal codes) must not cost
+    // more than the budget; the aborted query is finished by the scan
+    if (budget > 0 && cost + kMihEntryCost * (e - b) > budget) {
+      over = true;
+      return;
+    }
     entries += e - b;
     cost += kMihEntryCost * (e - b);
     const unsigned char* p = tb.entries.get() + static_cast<int64_t>(b) * stride;
@@ -121,7 +129,7 @@ struct QueryState {
 
   // Every key at substring distance exactly r (over the active bits) of probe P, all wildcard
   // values each. Returns false once the budget is spent.
-  bool probe_radius(const Probe& P, int r, double budget) {
+  bool probe_radius(const Probe& P, int r) {
     if (r > P.active) return true;
     probe_table = P.t;
     int c[64];
@@ -135,8 +143,11 @@ struct QueryState {
       do {  // every subset g of the wildcard bits
         visit(base | g);
         g = (g - P.wild) & P.wild;
-      } while (g != 0);
-      if (budget > 0 && cost > budget) return false;
+      } while (g != 0 && !over);
+      if (over || (budget > 0 && cost > budget)) {
+        over = true;
+        return false;
+      }
       int i = r - 1;
       while (i >= 0 && c[i] == P.active - r + i) --i;
       if (i < 0) return true;
@@ -170,13 +181,13 @@ int plan_probes(const MihTables& t, const uint64_t* q, const uint64_t* m, Scratc
 }
 
 // k-NN of one query; false when not done (no usable table, or the budget ran out).
-bool topk_one(QueryState& st, int np, double budget) {
+bool topk_one(QueryState& st, int np) {
   if (np == 0) return false;
   int maxa = 0;
   for (int j = 0; j < np; ++j) maxa = std::max(maxa, st.s.probes[static_cast<size_t>(j)].active);
   for (int r = 0; r <= maxa; ++r) {
     for (int j = 0; j < np; ++j) {
-      if (!st.probe_radius(st.s.probes[static_cast<size_t>(j)], r, budget)) return false;
+      if (!st.probe_radius(st.s.probes[static_cast<size_t>(j)], r)) return false;
       // every code within np * r + j has been seen (mih.h)
       if (static_cast<int64_t>(st.s.cand.size()) >= st.k) {
         st.compact();
@@ -189,7 +200,7 @@ bool topk_one(QueryState& st, int np, double budget) {
 }
 
 // Radius r of one query (r below the code length).
-bool radius_one(QueryState& st, int np, int64_t r, double budget) {
+bool radius_one(QueryState& st, int np, int64_t r) {
   if (np == 0) return false;
   const int64_t rr = r / np, jmax = r % np;
   for (int64_t rad = 0; rad <= rr; ++rad) {
@@ -197,7 +208,7 @@ bool radius_one(QueryState& st, int np, int64_t r, double budget) {
       if (rad == rr && j > jmax) break;
       const Probe& P = st.s.probes[static_cast<size_t>(j)];
       if (rad > P.active) continue;
-      if (!st.probe_radius(P, static_cast<int>(rad), budget)) return false;
+      if (!st.probe_radius(P, static_cast<int>(rad))) return false;
     }
   }
   return true;
@@ -210,7 +221,8 @@ void run_queries(const MihTables& t, const MihQuery& in, int64_t k, uint8_t* don
                  MihStats* stats, One one, Finish finish) {
   if (!scalar_supported())
     throw std::runtime_error("multi-index hashing needs a CPU with POPCNT");
-  std::atomic<int64_t> finished{0}, probes{0}, entries{0};
+  std::atomic<int64_t> finished{0}, probes{0}, entries{0}, aborted{0}, given_up{0};
+  std::atomic<int64_t> spent_probing{0};  // probing cost of all queries, whole units
   std::atomic<int64_t> spent{0};  // cost of the finished queries, whole units
   std::atomic<bool> stop{false};
   const int threads = static_cast<int>(
@@ -219,12 +231,16 @@ void run_queries(const MihTables& t, const MihQuery& in, int64_t k, uint8_t* don
     Scratch s(t);
     for (int64_t i; (i = claim()) >= 0;) {
       done[i] = 0;
-      if (stop.load(std::memory_order_relaxed)) continue;
+      if (stop.load(std::memory_order_relaxed)) {
+        ++given_up;
+        continue;
+      }
       const uint64_t* q = in.q + i * t.W;
       const uint64_t* m =
           in.mask ? in.mask + (in.mask_rows == 1 ? 0 : i * t.W) : nullptr;
       const int np = plan_probes(t, q, m, s);
-      QueryState st{t, q, m, s, k, ~uint64_t(0), k > 0 ? 2 * k + 256 : int64_t(1) << 62};
+      QueryState st{t, q, m, s, k, ~uint64_t(0), k > 0 ? 2 * k + 256 : int64_t(1) << 62,
+                    in.budget};
       s.cand.clear();
       const bool ok = one(st, np);
       if (ok) finish(i, st);
@@ -232,14 +248,22 @@ void run_queries(const MihTables& t, const MihQuery& in, int64_t k, uint8_t* don
       done[i] = ok ? 1 : 0;
       probes += st.probes;
       entries += st.entries;
+      aborted += st.over ? 1 : 0;
+      spent_probing += static_cast<int64_t>(st.cost);
       const int64_t f = ++finished;
       const int64_t c = spent += static_cast<int64_t>(st.cost + (ok ? 0 : in.scan_cost));
-      if (in.give_up > 0 && f >= 16 && c > in.give_up * in.scan_cost * f) stop.store(true);
+      // the average over at least 16 queries: a few aborted queries (each a budget plus a scan)
+      // stop a small batch too, while one unlucky query among the first does not
+      if (in.give_up > 0 && c > in.give_up * in.scan_cost * std::max<int64_t>(f, 16))
+        stop.store(true);
     }
   });
   if (stats) {
     stats->probes = probes.load();
     stats->entries = entries.load();
+    stats->aborted = aborted.load();
+    stats->given_up = given_up.load();
+    stats->cost = static_cast<double>(spent_probing.load());
     int64_t nd = 0;
     for (int64_t i = 0; i < in.nq; ++i) nd += done[i] == 0;
     stats->not_done = nd;
@@ -250,7 +274,7 @@ void run_queries(const MihTables& t, const MihQuery& in, int64_t k, uint8_t* don
 
 void mih_topk(const MihTables& t, const MihQuery& in, int64_t k, int32_t* out_d, int64_t* out_i,
               uint8_t* done, MihStats* stats) {
-  auto one = [&](QueryState& st, int np) { return topk_one(st, np, in.budget); };
+  auto one = [&](QueryState& st, int np) { return topk_one(st, np); };
   auto finish = [&](int64_t q, QueryState& st) {
     st.compact();
     std::sort(st.s.cand.begin(), st.s.cand.end());
@@ -272,7 +296,7 @@ void mih_radius(const MihTables& t, const MihQuery& in, int64_t r, int64_t* lims
   const uint64_t thr = (static_cast<uint64_t>(r) + 1) << kIndexBits;
   auto one = [&](QueryState& st, int np) {
     st.thr = thr;
-    return radius_one(st, np, r, in.budget);
+    return radius_one(st, np, r);
   };
   auto finish = [&](int64_t q, QueryState& st) {
     std::sort(st.s.cand.begin(), st.s.cand.end());

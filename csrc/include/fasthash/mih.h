@@ -65,20 +65,25 @@ struct MihQuery {
   const uint64_t* mask = nullptr;  // nullptr, one row (mask_rows = 1) or [nq, W]
   int64_t mask_rows = 0;
   int num_threads = 0;
-  // Per-query cost limit in scan units (see kMihProbeCost); <= 0: unlimited. A query that
-  // exceeds it stops and is reported not done (the caller scans it).
+  // Per-query cost limit in scan units (see kMihProbeCost); <= 0: unlimited. A query stops
+  // (reported not done: the caller scans it) before a probe or a bucket read would exceed it,
+  // so its probing never costs more than the budget plus one probe.
   double budget = 0;
-  // > 0: give up on the remaining queries (not done, left to the scan) once at least 16 have
-  // finished and their cost -- a finished query its probing, an aborted one its probing plus
-  // one scan (scan_cost) -- averages more than give_up * scan_cost: the scan is then cheaper.
+  // > 0: give up on the remaining queries (not done, left to the scan) once the cost of the
+  // finished queries -- a finished query its probing, an aborted one its probing plus one
+  // scan (scan_cost) -- exceeds give_up * scan_cost * max(finished, 16): the scan is then
+  // cheaper (a small batch stops once its aborted queries cost 16 * give_up scans).
   double give_up = 0;
   double scan_cost = 0;  // cost of scanning one query (N W units)
 };
 
 struct MihStats {
-  int64_t probes = 0;
-  int64_t entries = 0;
-  int64_t not_done = 0;
+  int64_t probes = 0;    // buckets looked up
+  int64_t entries = 0;   // bucket entries read
+  int64_t not_done = 0;  // queries left to the scan (aborted, given up or no usable table)
+  int64_t aborted = 0;   // queries stopped by their budget
+  int64_t given_up = 0;  // queries not probed at all (give_up)
+  double cost = 0;       // probing cost of all queries, in scan units
 };
 
 // Exact top-k of each query: out_d [nq, k], out_i [nq, k] (positions), ordered by

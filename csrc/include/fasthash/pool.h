@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <functional>
 #include <mutex>
+#include <new>
 #include <stdexcept>
 #include <string>
 #include <system_error>
@@ -135,6 +136,7 @@ void run_parallel(int threads, int64_t ntasks, Work work) {
   std::atomic<int64_t> next{0};
   std::mutex err_mu;
   std::string err;
+  bool oom = false;
   auto claim = [&]() -> int64_t {
     const int64_t t = next.fetch_add(1, std::memory_order_relaxed);
     return t < ntasks ? t : -1;
@@ -142,12 +144,20 @@ void run_parallel(int threads, int64_t ntasks, Work work) {
   Pool::get().run(threads, [&](int) {
     try {
       work(claim);
+    } catch (const std::bad_alloc&) {  // kept as itself: pybind11 maps it to MemoryError
+      std::lock_guard<std::mutex> lk(err_mu);
+      if (err.empty()) {
+        err = "std::bad_alloc";
+        oom = true;
+      }
+      next.store(ntasks);
     } catch (const std::exception& e) {
       std::lock_guard<std::mutex> lk(err_mu);
       if (err.empty()) err = e.what();
       next.store(ntasks);
     }
   });
+  if (oom) throw std::bad_alloc();
   if (!err.empty()) throw std::runtime_error(err);
 }
 
