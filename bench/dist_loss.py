@@ -40,6 +40,7 @@ from datetime import datetime, timedelta, timezone
 
 import torch
 import torch.distributed as dist
+from loss_cpu import _status_kib  # bench/ is sys.path[0] when run as a script
 
 import fasthash
 
@@ -53,14 +54,6 @@ def _inputs(bsz: int, length: int, seed: int):
     c = torch.randint(0, 10, (bsz,), generator=g)
     ca = torch.where(torch.rand(bsz, generator=g) < 0.1, (c + 1) % 10, c)
     return s, t, t2, dict(mask_table=table, cluster_ids=c, aug_cluster_ids=ca)
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def _step(inputs, group) -> None:
