@@ -234,12 +234,18 @@ def _open_shards(ray, shards: list[_Shard], timeout: float) -> int:
     return int(infos[0]["bits"])
 
 
-def _collect(ray, shards: list[_Shard], refs: list) -> list:
-    """``ray.get`` of one call per shard; a failure becomes a :class:`ShardError` naming it."""
+def _collect(ray, shards: list[_Shard], refs: list, timeout: float | None = None) -> list:
+    """``ray.get`` of one call per shard (each within ``timeout`` seconds); a failure or a
+    timeout becomes a :class:`ShardError` naming the shard."""
     out = []
     for s, ref in zip(shards, refs, strict=True):
         try:
-            out.append(ray.get(ref))
+            out.append(ray.get(ref, timeout=timeout))
+        except ray.exceptions.GetTimeoutError:
+            raise ShardError(
+                s.number, s.path, f"no answer within call_timeout={timeout:g} s (its node may be "
+                "lost and the actor not placeable again, or its file system stalled)"
+            ) from None
         except ray.exceptions.RayTaskError as e:
             cause = getattr(e, "cause", None) or e
             raise ShardError(s.number, s.path, f"{type(cause).__name__}: {cause}") from None

@@ -54,6 +54,7 @@ BATCH = 1024  # queries per batch sent to the shards (default)
 WINDOW = 3  # batches in flight at once (each is one task per shard)
 RESULT_ELEMS = 1 << 22  # a batch holds at most this many top-k results per shard (48 MiB)
 START_TIMEOUT = 300.0  # seconds for every shard to be placed and to open its file
+CALL_TIMEOUT = 600.0  # seconds a shard may take to answer one query batch
 # A batch this small travels inside its tasks (Ray inlines small arguments: one round trip
 # fewer than fetching a put object, ~2x lower latency at Q = 1); larger ones are put once.
 INLINE_BYTES = 64 << 10
@@ -78,6 +79,7 @@ class ShardedHammingIndex:
         """Use :meth:`from_files` or :meth:`build`."""
         self._shards, self.bits, self._started = shards, bits, started
         self._batch, self._window = batch, window
+        self._call_timeout = CALL_TIMEOUT
         self._codec = HammingIndex(bits)  # converts queries like HammingIndex.search
         self._n = sum(s.count for s in shards)
         self._closed = False
@@ -99,6 +101,7 @@ class ShardedHammingIndex:
         window: int = WINDOW,
         actor_options: dict | None = None,
         start_timeout: float = START_TIMEOUT,
+        call_timeout: float = CALL_TIMEOUT,
     ) -> ShardedHammingIndex:
         """Open index files as shards, one Ray actor per file, in the given (global) order.
 
@@ -121,6 +124,9 @@ class ShardedHammingIndex:
                 ``scheduling_strategy`` to pin shards to the nodes holding their files; the
                 default spreads them).
             start_timeout: seconds allowed for every actor to be placed and open its file.
+            call_timeout: seconds a shard may take to answer one query batch; past it the
+                search raises :class:`ShardError` naming the shard (a lost node whose actor
+                cannot be placed again, a stalled file system) instead of waiting forever.
 
         Returns:
             the opened index.
@@ -137,6 +143,9 @@ class ShardedHammingIndex:
             raise ValueError(f"num_cpus must be a number >= 0, got {num_cpus!r}")
         batch = check_int(batch_size, "batch_size", 1)
         window = check_int(window, "window", 1)
+        if isinstance(call_timeout, bool) or not isinstance(call_timeout, (int, float)) or not (
+                call_timeout > 0):
+            raise ValueError(f"call_timeout must be a number of seconds > 0, got {call_timeout!r}")
         ray = _ray()
         started = _acquire_cluster()
         shards: list[_Shard] = []
@@ -148,7 +157,9 @@ class ShardedHammingIndex:
             for n, path in enumerate(paths):
                 shards.append(_Shard(n, path, worker.options(**opts).remote(path, num_threads)))
             bits = _open_shards(ray, shards, start_timeout)
-            return cls(shards, bits, started, batch, window)
+            index = cls(shards, bits, started, batch, window)
+            index._call_timeout = float(call_timeout)
+            return index
         except BaseException:
             _kill(ray, shards)
             _release_cluster(started)
@@ -331,7 +342,7 @@ class ShardedHammingIndex:
         def finish() -> None:
             lo0, refs0 = pending.popleft()
             t0 = time.perf_counter()
-            parts = _collect(ray, shards, refs0)
+            parts = _collect(ray, shards, refs0, self._call_timeout)
             t1 = time.perf_counter()
             done(lo0, parts)
             stats["wait_s"] += t1 - t0

@@ -355,3 +355,28 @@ def test_local_cluster_started_and_shut_down(monkeypatch):
     assert not sharded._acquire_cluster()
     sharded._release_cluster(False)
     assert calls == ["init", "shutdown", "init"]
+
+
+def test_a_shard_that_does_not_answer_in_time_is_named():
+    """A call past call_timeout (a lost node whose actor cannot be placed again) raises a
+    ShardError naming that shard and its file instead of waiting forever."""
+    from fasthash._sharded_support import _collect, _Shard
+
+    calls = []
+
+    class StuckSecondShard:
+        exceptions = ray.exceptions
+
+        @staticmethod
+        def get(ref, timeout=None):
+            calls.append(timeout)
+            if ref == "second":
+                raise ray.exceptions.GetTimeoutError("timed out")
+            return ref
+
+    shards = [_Shard(0, "a.fhidx", None), _Shard(1, "b.fhidx", None)]
+    msg = r"shard 1 \(b\.fhidx\): no answer within call_timeout=2 s"
+    with pytest.raises(ShardError, match=msg):
+        _collect(StuckSecondShard, shards, ["first", "second"], 2.0)
+    assert calls == [2.0, 2.0]
+    assert _collect(StuckSecondShard, shards[:1], ["first"], 2.0) == ["first"]

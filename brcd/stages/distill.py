@@ -108,7 +108,8 @@ def _batches(inp: DistillInput, ctx: Context, t: _Teacher | None, sseed: int):
         mc = teacher_model_config(inp.teacher_stage.model, t.spec)
         cache = V.view_cache(ctx, model=t.model, model_cfg=mc, n_views=nv,
                              extract=inp.teacher_stage.train)
-        tcodes = head_codes(t.model, cache.feats.reshape(-1, cache.feats.shape[-1]), ctx.device)
+        tcodes = head_codes(t.model, cache.feats.reshape(-1, cache.feats.shape[-1]), ctx.device,
+                            dist=d)
         tcodes = tcodes.reshape(n, nv, -1)
 
         def batches(epoch):
