@@ -114,9 +114,8 @@ def _unkey(part: tuple) -> tuple:
 def _merge_topk_batch(parts: list, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The k best of the shards' answers to one batch: (int32 distances, int64 indices/ids)."""
     if all(p[0] is None for p in parts):
-        # Packed keys: each shard's rows are sorted, so a stable sort (timsort) merges the
-        # runs in linear time; at k = 1000 this is ~3x faster than merge_topk's
-        # concatenate + pack + quicksort of (distance, index) pairs.
+        # Packed keys arrive from the shards as sorted runs: the same stable sort as
+        # merge_topk's, without unpacking them into (distance, index) pairs first.
         key = parts[0][1]
         if len(parts) > 1:
             key = np.sort(np.concatenate([p[1] for p in parts], axis=1), axis=1, kind="stable")
