@@ -26,7 +26,7 @@ from .config import Config, list_presets, load_config, parse_yaml
 from .data import DATASETS
 from .errors import USER_ERRORS, Parser, guarded, one_line
 from .files import check_output, write_atomic
-from .losses import METHODS
+from .losses import ABLATION_HELP, ABLATIONS, METHODS
 from .masks import CONVENTIONS
 
 __all__ = ["main", "build_parser"]
@@ -99,6 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-mask", action="store_true", help="structural term on unmasked codes")
     p.add_argument("--no-offset-positive", action="store_true", help="alpha_k = alpha always")
     p.add_argument("--no-false-negative", action="store_true", help="keep same-cluster negatives")
+    p.add_argument("--distill-mask-convention", choices=list(CONVENTIONS),
+                   help="distill.mask_convention: rebuild the teacher checkpoint's mask table "
+                   "from its centroids with this convention (default: the stored table)")
+    p.add_argument("--ablation", choices=list(ABLATIONS), metavar="VARIANT",
+                   help="a BRCD ablation (config overrides; a flag or --set that contradicts "
+                   "it is an error): " + "; ".join(
+                       f"{k}: {ABLATION_HELP[k]}" for k in ABLATIONS))
     p.add_argument("--kd-weight", type=float,
                    help="distill.kd_weight: weight of the KD term (default: the method's)")
     p.add_argument("--student-seed", type=int,
@@ -164,7 +171,24 @@ def _overrides(args: argparse.Namespace, stage: str | None) -> dict:
         o["distill.offset_positive"] = False
     if getattr(args, "no_false_negative", False):
         o["distill.false_negative"] = False
+    if getattr(args, "distill_mask_convention", None):
+        o["distill.mask_convention"] = args.distill_mask_convention
+    if getattr(args, "ablation", None):
+        _apply_ablation(o, args.ablation)
     return o
+
+
+def _apply_ablation(o: dict, name: str) -> None:
+    """Add ``ABLATIONS[name]`` to the overrides ``o``; a key ``o`` sets otherwise is an error."""
+    method = o.get("distill.method", "brcd")
+    if method != "brcd":
+        raise ValueError(f"--ablation {name} is an ablation of BRCD; it needs distill.method "
+                         f"brcd, got {method!r}")
+    for key, value in ABLATIONS[name].items():
+        if key in o and o[key] != value:
+            raise ValueError(f"--ablation {name} sets {key}={value!r}, but another flag or --set "
+                             f"sets it to {o[key]!r}")
+        o[key] = value
 
 
 def _encode(cfg: Config, args: argparse.Namespace, progress: bool) -> None:

@@ -5,8 +5,9 @@ A config is one :class:`Config` with nested sections. Presets live in ``brcd/con
 (``{"teacher.train.epochs": 3}``), checks every key and value, and returns the dataclass.
 Choices are validated against the registries that define them: ``data.name`` (:data:`brcd.data.
 DATASETS`), ``data.augment`` (:data:`brcd.augment.AUGMENTERS`), ``distill.method``
-(:data:`brcd.losses.METHODS`), ``masks.convention`` (:data:`brcd.masks.CONVENTIONS`),
-``<stage>.train.autocast`` and ``<stage>.model.head`` (:mod:`brcd.models`).
+(:data:`brcd.losses.METHODS`), ``masks.convention`` and ``distill.mask_convention``
+(:data:`brcd.masks.CONVENTIONS`), ``<stage>.train.autocast`` and ``<stage>.model.head``
+(:mod:`brcd.models`).
 """
 
 from __future__ import annotations
@@ -132,6 +133,11 @@ class DistillConfig:
     # BRCD anchors the student's view-1 codes only (the paper); symmetric also anchors view 2
     # (mean of both directions), as the KD baselines and L_own use both views
     symmetric: bool = False
+    # the mask table BRCD trains with: None = the teacher checkpoint's (masks.convention), else
+    # agree | redundant | none | zero rebuilt from its centroids and delta (an ablation; "zero"
+    # is the research code's all-zero table, BRCD_SPEC §8.1). Cluster ids, hence offset
+    # positives and false negatives, are the checkpoint's whatever the table.
+    mask_convention: str | None = None
     kd_weight: float | None = None  # None = the method's default (see brcd.losses)
     seed: int | None = None  # student-only seed (init, batch order, views); None = cfg.seed
 
@@ -176,6 +182,12 @@ class Config:
         check_dataset(self.data.name)
         _choice("distill.method", self.distill.method, METHODS)
         _choice("masks.convention", self.masks.convention, CONVENTIONS)
+        if self.distill.mask_convention is not None and (
+                not isinstance(self.distill.mask_convention, str)
+                or self.distill.mask_convention not in CONVENTIONS):
+            raise ValueError(
+                f"distill.mask_convention must be null (the teacher checkpoint's mask table) or "
+                f"one of {list(CONVENTIONS)}, got {self.distill.mask_convention!r}")
         _choice("data.augment", self.data.augment, AUGMENTERS)
         for stage in ("teacher", "student"):
             s: StageConfig = getattr(self, stage)

@@ -6,7 +6,8 @@ the pure-torch references in ``fasthash.reference`` (swapping back is a one-line
 
 * :func:`cibhash_loss` — ``L_own = NTXent(b1, b2; tau) + lambda_KL * sym. Bernoulli KL``.
 * :func:`brcd_distill_loss` — ``L_BRCD`` with switches for the bit mask, offset positives and
-  false-negative removal (ablations), expressed through the single BRCD op.
+  false-negative removal (ablations), expressed through the single BRCD op;
+  :func:`brcd_diagnostics` — no-grad summaries of the inputs that term used (logged parts).
 * KD baselines under the same trainer: :func:`kd_codes_loss` (bitwise BCE to the teacher code),
   :func:`sp_loss` (similarity-preserving KD, Tung & Mori 2019), :func:`rkd_distance_loss`
   (distance-wise relational KD, Park et al. 2019).
@@ -14,12 +15,16 @@ the pure-torch references in ``fasthash.reference`` (swapping back is a one-line
 :data:`METHODS` is the registry of student objectives (``distill.method``): config validation,
 the CLI's choices and help, the demo and the distill stage all read it. A new KD method is one
 function decorated with :func:`register_method` (plus its test), nothing else.
+
+:data:`ABLATIONS` names the BRCD ablation variants of issue 12 (config overrides, each changing
+exactly one term; :data:`ABLATION_HELP` describes them): the demo, the report and
+``python -m brcd distill --ablation`` read it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -39,6 +44,9 @@ __all__ = [
     "bernoulli_kl",
     "cibhash_loss",
     "brcd_distill_loss",
+    "brcd_diagnostics",
+    "ABLATIONS",
+    "ABLATION_HELP",
     "kd_codes_loss",
     "sp_loss",
     "rkd_distance_loss",
@@ -148,8 +156,8 @@ def brcd_distill_loss(
     """
     bsz, length = student.shape
     if cluster_ids is None:  # no clusters: plain (optionally one global mask) contrastive term
-        return brcd_term(student, teacher_same_view, teacher_other_view, mask_table, None, None,
-                         alpha, temperature, group)
+        return brcd_term(student, teacher_same_view, teacher_other_view,
+                         mask_table if use_mask else None, None, None, alpha, temperature, group)
     c = cluster_ids.long()
     c_all = c if group is None or (false_negative and mask_table is not None and use_mask) \
         else gather_with_grad(c, group)  # every rank's ids (the tables below index them)
@@ -169,6 +177,99 @@ def brcd_distill_loss(
     ids_aug = torch.where(c_hat != c, rows + n_all, rows)
     return brcd_term(student, teacher_same_view, teacher_other_view, table, rows, ids_aug,
                      alpha, temperature, group)
+
+
+@torch.no_grad()
+def brcd_diagnostics(
+    student: torch.Tensor,
+    teacher_same_view: torch.Tensor,
+    teacher_other_view: torch.Tensor,
+    mask_table: torch.Tensor | None,
+    cluster_ids: torch.Tensor | None,
+    aug_cluster_ids: torch.Tensor | None,
+    *,
+    use_mask: bool = True,
+    offset_positive: bool = True,
+    false_negative: bool = True,
+    group: Any = None,
+) -> dict[str, float]:
+    """No-grad summaries of what :func:`brcd_distill_loss` (same arguments) used, for the logs.
+
+    * ``"brcd_ind_pos"``: mean ``cos(s_k, t_k)`` (= ``A_k * tau``) over the anchor rows.
+    * ``"brcd_struct_pos"``: mean masked cosine of the positive pair ``(m_k ⊙ s_k, m_k ⊙ t'_k)``
+      with the mask rows the loss used (all ones when ``use_mask`` is off); 0 for an empty mask.
+    * ``"brcd_offset"``: share of offset positives (``ĉ_k != c_k``); 0 when ``offset_positive``
+      is off or without clusters.
+    * ``"brcd_fn_removed"``: mean number of negatives removed per row by the false-negative rule
+      (columns of the anchor's cluster, student columns by ``c``, teacher columns by ``ĉ``);
+      0 when ``false_negative`` is off (its per-sample ids remove nothing) or without clusters.
+
+    Args:
+        as :func:`brcd_distill_loss` (alpha and temperature do not enter). With a ``group`` the
+        summaries are over this rank's rows, the false negatives counted against every rank's
+        columns (a collective: every rank must call it).
+
+    Returns:
+        the four values as floats (one device sync).
+
+    Example:
+        >>> s = torch.tensor([[1., 1.], [1., -1.]]); c = torch.tensor([0, 0])
+        >>> d = brcd_diagnostics(s, s, s, None, c, c)
+        >>> round(d["brcd_ind_pos"], 6), d["brcd_fn_removed"]  # both other rows share cluster 0
+        (1.0, 2.0)
+    """
+    s, t, t2 = (x.detach().float() for x in (student, teacher_same_view, teacher_other_view))
+    bsz, length = s.shape
+    zero = s.new_zeros(())
+    if cluster_ids is None:  # the loss's no-cluster path: one global row or all ones
+        m = (mask_table.to(s)[0].expand(bsz, length) if mask_table is not None and use_mask
+             else torch.ones_like(s))
+        offset, fn = zero, zero
+    else:
+        c = cluster_ids.long()
+        c_hat = c if (aug_cluster_ids is None or not offset_positive) else aug_cluster_ids.long()
+        m = (mask_table.to(s)[c] if mask_table is not None and use_mask
+             else torch.ones_like(s))
+        offset = (c_hat != c).float().mean() if offset_positive else zero
+        if false_negative:
+            c_all, c_hat_all = gather_with_grad(c, group), gather_with_grad(c_hat, group)
+            # row k's columns of its own cluster c_k, less itself (student column k, cluster
+            # c_k) and its partner (teacher column k, cluster ĉ_k); row B + k alike
+            same = ((c_all[None, :] == c[:, None]).sum(1) - 1
+                    + (c_hat_all[None, :] == c[:, None]).sum(1) - (c_hat == c).long())
+            fn = same.float().mean()
+        else:
+            fn = zero
+
+    def cos(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        den = x.norm(dim=1) * y.norm(dim=1)
+        return torch.where(den > 0, (x * y).sum(1) / den.clamp_min(1e-30), 0.0)
+
+    vals = torch.stack([cos(s, t).mean(), cos(m * s, m * t2).mean(), offset, fn]).tolist()
+    return dict(zip(("brcd_ind_pos", "brcd_struct_pos", "brcd_offset", "brcd_fn_removed"), vals,
+                    strict=True))
+
+
+# ---- BRCD ablations (issue 12): config overrides, each changing exactly the term it names ------
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "full": {},
+    "no-mask": {"distill.use_mask": False},
+    "no-offset": {"distill.offset_positive": False},
+    "no-false-negative": {"distill.false_negative": False},
+    "alpha-1": {"distill.alpha": 1.0},
+    "opposite-mask": {"distill.mask_convention": "redundant"},
+    "zero-mask": {"distill.mask_convention": "zero"},
+}
+ABLATION_HELP: dict[str, str] = {
+    "full": "BRCD as configured (bit mask, offset positives, false-negative removal)",
+    "no-mask": "structural term on unmasked codes (every mask row all ones)",
+    "no-offset": "no offset-positive handling (alpha_k = alpha for every sample)",
+    "no-false-negative": "same-cluster negatives stay in the denominators",
+    "alpha-1": "alpha = 1: the positive is the individual term A_k only (negatives unchanged)",
+    "opposite-mask": "opposite mask convention: keep |mu| <= delta instead of > delta",
+    "zero-mask": "the research code's all-zero mask (BRCD_SPEC 8.1): every structural "
+                 "similarity 0; false negatives still removed by cluster id",
+}
 
 
 def kd_codes_loss(student: HashOutput, teacher_codes: torch.Tensor) -> torch.Tensor:
@@ -212,6 +313,8 @@ class KDBatch:
         group: the process group of a torchrun job (None in a single process): each tensor
         holds this rank's rows, and a term over pairs of rows must see every rank's
         (:func:`brcd.dist.gather_with_grad`, or ``group=`` of the fused losses).
+        parts: no-grad diagnostics a term may put here (name -> float); the distill stage logs
+        them with the step's loss parts (BRCD: :func:`brcd_diagnostics`).
     """
 
     s1: HashOutput
@@ -224,6 +327,7 @@ class KDBatch:
     temperature: float
     options: object
     group: Any = None
+    parts: dict[str, float] = field(default_factory=dict)
 
 
 KDLoss = Callable[[KDBatch], torch.Tensor]
@@ -319,14 +423,26 @@ def _rkd(b: KDBatch) -> torch.Tensor:
 @register_method("brcd", label="BRCD", needs_masks=True, shares_teacher_space=True,
                  help="bit-mask robust contrastive KD (the paper; ablation switches in distill.*)")
 def _brcd(b: KDBatch) -> torch.Tensor:
+    """L_BRCD of the batch with the run's switches; fills ``b.parts`` (:func:`brcd_diagnostics`,
+    the mean of both directions when ``symmetric``).
+
+    ``b.mask_table`` is the table to train with: the caller applies ``distill.mask_convention``
+    (:func:`brcd.masks.training_mask_table`); ``use_mask=False`` then replaces it by ones. The
+    cluster ids, hence offset positives and false negatives, never depend on the table — with
+    the "zero" table (the research code's) false negatives are still removed by cluster id.
+    """
     o = b.options
-    opts = dict(alpha=o.alpha, temperature=b.temperature, use_mask=o.use_mask,
-                offset_positive=o.offset_positive, false_negative=o.false_negative,
-                group=b.group)
-    s1, s2 = b.s1.codes.float(), b.s2.codes.float()
-    kd = brcd_distill_loss(s1, b.t1, b.t2, b.mask_table, b.cluster_ids,
-                           assign_clusters(b.t2, b.centroids), **opts)
+    switches = dict(use_mask=o.use_mask, offset_positive=o.offset_positive,
+                    false_negative=o.false_negative, group=b.group)
+    views = [(b.s1.codes.float(), b.t1, b.t2)]
     if o.symmetric:  # the view-2 anchor too, as L_own and the baselines use both views
-        kd = 0.5 * (kd + brcd_distill_loss(s2, b.t2, b.t1, b.mask_table, b.cluster_ids,
-                                           assign_clusters(b.t1, b.centroids), **opts))
-    return kd
+        views.append((b.s2.codes.float(), b.t2, b.t1))
+    kds, diags = [], []
+    for s, t_same, t_other in views:
+        c_hat = assign_clusters(t_other, b.centroids) if b.centroids is not None else None
+        kds.append(brcd_distill_loss(s, t_same, t_other, b.mask_table, b.cluster_ids, c_hat,
+                                     alpha=o.alpha, temperature=b.temperature, **switches))
+        diags.append(brcd_diagnostics(s, t_same, t_other, b.mask_table, b.cluster_ids, c_hat,
+                                      **switches))
+    b.parts.update({k: sum(d[k] for d in diags) / len(diags) for k in diags[0]})
+    return kds[0] if len(kds) == 1 else 0.5 * (kds[0] + kds[1])

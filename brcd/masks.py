@@ -3,9 +3,12 @@
 k-means (scikit-learn, k-means++, ``n_init`` restarts) runs on the teacher's ±1 codes of the
 training images (deterministic view). Centroids ``mu_c`` lie in ``[-1, 1]^L``; the mask keeps bit
 j of cluster c iff ``|mu_c[j]| > delta`` ("agree": the bits the cluster agrees on), or the
-opposite ("redundant"), or every bit ("none"). The result, :class:`ClusterMasks`, is stored in
-the teacher checkpoint next to the teacher that produced it — never in side files.
+opposite ("redundant"), or every bit ("none"), or no bit ("zero": the research code's degenerate
+all-zero table, BRCD_SPEC §8.1, for comparison only). The result, :class:`ClusterMasks`, is
+stored in the teacher checkpoint next to the teacher that produced it — never in side files.
 Offset positives are assigned with :func:`assign_clusters` on the UNMASKED teacher codes.
+:func:`training_mask_table` gives the table a distillation run uses (``distill.mask_convention``
+may rebuild it from the stored centroids with another convention, an ablation).
 """
 
 from __future__ import annotations
@@ -20,17 +23,22 @@ __all__ = [
     "kmeans_codes",
     "choose_n_clusters",
     "mask_table_from_centroids",
+    "training_mask_table",
     "assign_clusters",
     "compute_cluster_masks",
     "cluster_stats",
 ]
 
 # masks.convention -> which bits a cluster keeps, from |mu| and delta. "redundant" is the
-# opposite reading of the paper (an ablation); "none" keeps every bit.
+# opposite reading of the paper (an ablation); "none" keeps every bit; "zero" keeps none: the
+# research code's mask builder swaps the arguments of two replacements and so sets every entry to
+# 0 (BRCD_SPEC §8.1). Reproduced for comparison only, never a sensible choice: every masked
+# similarity is then 0, so the structural term is a constant 0 logit.
 CONVENTIONS = {
     "agree": lambda a, delta: a > delta,
     "redundant": lambda a, delta: a <= delta,
     "none": lambda a, delta: torch.ones_like(a, dtype=torch.bool),
+    "zero": lambda a, delta: torch.zeros_like(a, dtype=torch.bool),
 }
 
 
@@ -158,7 +166,8 @@ def mask_table_from_centroids(centroids: torch.Tensor, delta: float = 0.5,
     Args:
         centroids: ``[C, L]`` in [-1, 1]. delta: threshold in [0, 1).
         convention: ``"agree"`` keeps ``|mu| > delta``; ``"redundant"`` keeps ``|mu| <= delta``;
-            ``"none"`` keeps every bit.
+            ``"none"`` keeps every bit; ``"zero"`` keeps none (the research code's all-zero
+            table, BRCD_SPEC §8.1; for comparison only).
 
     Returns:
         float32 {0,1} ``[C, L]``.
@@ -172,6 +181,37 @@ def mask_table_from_centroids(centroids: torch.Tensor, delta: float = 0.5,
     if not 0.0 <= delta < 1.0:
         raise ValueError(f"delta must be in [0, 1), got {delta!r}")
     return CONVENTIONS[convention](centroids.abs(), delta).float()
+
+
+def training_mask_table(masks: ClusterMasks, convention: str | None) -> torch.Tensor:
+    """The mask table a distillation run trains with (``distill.mask_convention``).
+
+    Args:
+        masks: the teacher checkpoint's clusters and masks.
+        convention: None: the stored ``masks.mask_table`` (built with ``masks.convention``);
+            else a key of :data:`CONVENTIONS`: the table rebuilt from ``masks.centroids`` and
+            ``masks.delta`` with that convention (an ablation; the clusters, hence the cluster
+            ids and the false-negative rule, stay the checkpoint's).
+
+    Shape:
+        ``[C, L]`` float32 {0, 1}.
+
+    Returns:
+        the table (the stored tensor itself when ``convention`` is None).
+
+    Example:
+        >>> cm = ClusterMasks(torch.tensor([[0.9, -0.2]]), torch.tensor([[1., 0.]]),
+        ...                   torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long),
+        ...                   0.5, "agree", {})
+        >>> training_mask_table(cm, "redundant")
+        tensor([[0., 1.]])
+    """
+    if convention is None:
+        return masks.mask_table
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention must be None (the stored table) or one of "
+                         f"{tuple(CONVENTIONS)}, got {convention!r}")
+    return mask_table_from_centroids(masks.centroids, masks.delta, convention)
 
 
 def assign_clusters(codes: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:

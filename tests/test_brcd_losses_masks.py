@@ -149,3 +149,12 @@ def test_kd_baselines():
     loss, parts = cibhash_loss(_out(t), _out(t))
     assert set(parts) == {"ntxent", "kl"} and float(parts["kl"]) == pytest.approx(0, abs=1e-6)
     assert float(loss.detach()) < float(cibhash_loss(_out(t), _out(other))[0].detach())
+
+
+def test_no_mask_switch_also_holds_without_clusters(batch):
+    s, t, t2, table, _, _ = batch
+    one_row = table[:1]
+    plain = float(brcd_distill_loss(s, t, t2, None, None, None))
+    assert float(brcd_distill_loss(s, t, t2, one_row, None, None, use_mask=False)) == \
+        pytest.approx(plain, rel=1e-12)
+    assert float(brcd_distill_loss(s, t, t2, one_row, None, None)) != pytest.approx(plain)
