@@ -26,7 +26,7 @@ from .evaluate import EvalInput, evaluate, retrieval_map
 from .masks import MasksInput, MasksResult, build_masks, mask_stats
 from .students import StudentJob, run_students
 from .teacher import TeacherInput, TeacherResult, train_teacher
-from .views import ViewCache, view_cache
+from .views import FeatureBank, ViewCache, student_feature_bank, view_cache
 
 __all__ = [
     "Context",
@@ -56,4 +56,6 @@ __all__ = [
     "run_students",
     "ViewCache",
     "view_cache",
+    "FeatureBank",
+    "student_feature_bank",
 ]

@@ -4,7 +4,10 @@ The student seed (``distill.seed``) drives only the student (init, batch order, 
 fresh views); the split, view bank and teacher stay those of the run seed. With a view cache
 (``student.train.cache_views`` and a frozen teacher backbone) the teacher's codes of every bank
 view are computed once; a step feeds the student the SAME bank images whose teacher codes it
-uses. Without one, the teacher encodes the student's fresh views in the same step. In a
+uses. A student whose backbone is frozen (the paper's protocol: an ImageNet backbone and a
+trainable hash head) sees those bank views through a feature bank extracted once
+(:func:`brcd.stages.views.student_feature_bank`), so each step and each validation runs its
+head alone. Without a bank, the teacher encodes the student's fresh views in the same step. In a
 torchrun job each rank takes its share of every global batch (and the teacher codes only its
 rows); the losses see the global batch (:mod:`brcd.dist`).
 """
@@ -17,13 +20,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from .. import data as D
 from ..config import Config, DistillConfig, StageConfig
 from ..dist import check_divisible, sync_batchnorm
 from ..losses import METHODS, KDBatch, cibhash_loss
-from ..masks import ClusterMasks
-from ..models import HashModel
+from ..masks import ClusterMasks, training_mask_table
+from ..models import HashModel, HashOutput
 from ..trainer import Trainer, seed_everything
 from . import views as V
 from .context import Context, OwnLoss
@@ -78,6 +82,17 @@ class _Teacher:
     masks: ClusterMasks | None
 
 
+class _Head(nn.Module):
+    """The student's hash head on cached backbone features (what DDP wraps then)."""
+
+    def __init__(self, model: HashModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, feats: torch.Tensor) -> HashOutput:
+        return self.model.head_forward(feats)
+
+
 def _teacher(inp: DistillInput, ctx: Context) -> _Teacher | None:
     method = METHODS[inp.distill.method]
     path = Path(inp.teacher) if inp.teacher else ctx.out_dir / "teacher_masks.pt"
@@ -97,27 +112,34 @@ def _teacher(inp: DistillInput, ctx: Context) -> _Teacher | None:
     return _Teacher(path, model, spec, masks)
 
 
-def _batches(inp: DistillInput, ctx: Context, t: _Teacher | None, sseed: int):
-    """``epoch -> iterator of (x1, x2, idx, t1, t2)`` and the view cache (or None)."""
+def _batches(inp: DistillInput, ctx: Context, t: _Teacher | None, sseed: int,
+             student: HashModel):
+    """``epoch -> iterator of (x1, x2, idx, t1, t2)``, the view cache (or None) and the
+    student's feature bank (or None; then x1, x2 are its backbone features, not images)."""
     st, n, d = inp.student, len(ctx.splits.train), ctx.dist
     bs, nv, steps = st.train.batch_size, st.train.cache_views, st.train.steps_per_epoch
     use_bank = bool(nv) and t is not None and t.spec["freeze_backbone"]
     if nv and not use_bank and t is not None:
         ctx.log("note: student.train.cache_views is ignored (the teacher backbone is not frozen)")
     if use_bank:
-        mc = teacher_model_config(inp.teacher_stage.model, t.spec)
-        cache = V.view_cache(ctx, model=t.model, model_cfg=mc, n_views=nv,
+        tm = teacher_model_config(inp.teacher_stage.model, t.spec)
+        cache = V.view_cache(ctx, model=t.model, model_cfg=tm, n_views=nv,
                              extract=inp.teacher_stage.train)
         tcodes = head_codes(t.model, cache.feats.reshape(-1, cache.feats.shape[-1]), ctx.device,
                             dist=d)
         tcodes = tcodes.reshape(n, nv, -1)
+        # a frozen student backbone sees the same bank views once: its head trains on features
+        fb = V.student_feature_bank(ctx, cache, V.cache_path(ctx, tm, nv), model=student,
+                                    model_cfg=st.model, extract=st.train) \
+            if st.model.freeze_backbone else None
+        inputs = fb.feats if fb is not None else cache.views
 
         def batches(epoch):
             for idx, v1, v2 in V.index_batches(n, batch_size=bs, epoch=epoch, seed=sseed,
                                                n_views=nv, steps=steps, dist=d):
-                yield (cache.views[idx, v1], cache.views[idx, v2], idx, tcodes[idx, v1],
+                yield (inputs[idx, v1], inputs[idx, v2], idx, tcodes[idx, v1],
                        tcodes[idx, v2])
-        return batches, cache
+        return batches, cache, fb
 
     base = D.base_images(ctx.splits.train, ctx.data.view_size, ctx.data.num_workers)
     coded = t is not None and METHODS[inp.distill.method].kd_loss is not None
@@ -131,43 +153,55 @@ def _batches(inp: DistillInput, ctx: Context, t: _Teacher | None, sseed: int):
                     t1 = t.model(D.prepare_batch(x1, t.spec["image_size"], ctx.device)).codes
                     t2 = t.model(D.prepare_batch(x2, t.spec["image_size"], ctx.device)).codes
             yield x1, x2, idx, t1, t2
-    return batches, None
+    return batches, None, None
 
 
-def _step_fn(inp: DistillInput, ctx: Context, fwd, t: _Teacher | None):
+def _step_fn(inp: DistillInput, ctx: Context, fwd, t: _Teacher | None, features: bool):
+    """``batch -> (loss, parts)``; ``features``: the batch holds backbone features, and
+    ``fwd`` is the head alone."""
     method, dc, own = METHODS[inp.distill.method], inp.distill, inp.own
     weight = dc.kd_weight if dc.kd_weight is not None else method.weight
     size, cl, device = inp.student.model.image_size, inp.student.train.channels_last, ctx.device
     m = t.masks if t is not None else None
     ids = m.train_cluster_ids.to(device) if m is not None else None
-    table = m.mask_table.to(device) if m is not None else None
+    table = training_mask_table(m, dc.mask_convention).to(device) if m is not None else None
     centroids = m.centroids.to(device) if m is not None else None
     group = ctx.dist.group
 
     def step(batch):
         x1, x2, idx, t1, t2 = batch
-        s1 = fwd(D.prepare_batch(x1, size, device, cl))
-        s2 = fwd(D.prepare_batch(x2, size, device, cl))
+        if features:
+            s1, s2 = fwd(x1.to(device)), fwd(x2.to(device))
+        else:
+            s1 = fwd(D.prepare_batch(x1, size, device, cl))
+            s2 = fwd(D.prepare_batch(x2, size, device, cl))
         loss, parts = cibhash_loss(s1, s2, own.temperature, own.kl_weight, group)
         if method.kd_loss is None:
             return loss, parts
-        kd = method.kd_loss(KDBatch(
+        kb = KDBatch(
             s1=s1, s2=s2, t1=t1.to(device).float(), t2=t2.to(device).float(),
             cluster_ids=ids[idx.to(device)] if ids is not None else None, mask_table=table,
-            centroids=centroids, temperature=own.temperature, options=dc, group=group))
+            centroids=centroids, temperature=own.temperature, options=dc, group=group)
+        kd = method.kd_loss(kb)
         parts["own"], parts["kd"] = float(loss.detach()), float(kd.detach())
+        parts.update(kb.parts)  # the term's own diagnostics (e.g. BRCD's positives)
         return loss + weight * kd, parts
     return step
 
 
-def _validator(inp: DistillInput, ctx: Context, student: HashModel, t: _Teacher | None, cache):
+def _validator(inp: DistillInput, ctx: Context, student: HashModel, t: _Teacher | None, cache,
+               fb: V.FeatureBank | None):
     sp, vs, topk = ctx.splits, ctx.data.view_size, ctx.topk
     size, device, d = inp.student.model.image_size, ctx.device, ctx.dist
     t_db: list[torch.Tensor] = []  # the teacher's database codes, encoded once
 
     def validate():  # in a torchrun job each rank encodes a shard and rank 0 scores
-        q = encode_images(student, sp.val, vs, size, device=device, dist=d)
-        db = encode_images(student, sp.train, vs, size, device=device, dist=d)
+        if fb is not None:
+            q = head_codes(student, fb.val_feats, device, dist=d)
+            db = head_codes(student, fb.det_feats, device, dist=d)
+        else:
+            q = encode_images(student, sp.val, vs, size, device=device, dist=d)
+            db = encode_images(student, sp.train, vs, size, device=device, dist=d)
         if t is not None and not t_db:
             t_db.append(head_codes(t.model, cache.det_feats, device, dist=d) if cache is not None
                         else encode_images(t.model, sp.train, vs, t.spec["image_size"],
@@ -204,21 +238,21 @@ def distill(inp: DistillInput, ctx: Context) -> DistillResult:
     if st.train.channels_last:
         student.to(memory_format=torch.channels_last)
     d = ctx.dist
-    fwd = d.wrap(sync_batchnorm(student, d))
-    fwd = torch.compile(fwd) if st.train.compile else fwd
     n, bs = len(ctx.splits.train), st.train.batch_size
     check_batch_size(n, bs, "student")
     check_divisible(bs, "student.train.batch_size", d.world)
-    batches, cache = _batches(inp, ctx, t, sseed)
+    batches, cache, fb = _batches(inp, ctx, t, sseed, student)
+    fwd = d.wrap(_Head(student) if fb is not None else sync_batchnorm(student, d))
+    fwd = torch.compile(fwd) if st.train.compile else fwd
     extra = {"kind": "student", "bits": inp.bits, "spec": model_spec(st.model, inp.bits),
              "config": ctx.record, "method": dc.method,
              "masks": t.masks.to_dict() if t is not None and t.masks is not None else None,
              "teacher_path": str(t.path.resolve()) if t is not None else None}
     trainer = Trainer(student, st.train, device=ctx.device, out_dir=ctx.out_dir, tag="student",
-                      step_fn=_step_fn(inp, ctx, fwd, t), batches=batches,
+                      step_fn=_step_fn(inp, ctx, fwd, t, fb is not None), batches=batches,
                       steps_per_epoch=V.steps_per_epoch(n, bs, st.train.steps_per_epoch),
                       batch_images=bs * 2,
-                      validate=(_validator(inp, ctx, student, t, cache)
+                      validate=(_validator(inp, ctx, student, t, cache, fb)
                                 if len(ctx.splits.val) else None),
                       extra=extra, progress=ctx.progress, dist=d)
     if inp.resume:

@@ -18,7 +18,7 @@ from ..files import load_file
 from ..trainer import load_checkpoint
 from .context import make_context
 from .distill import DistillInput, distill
-from .encode import encode_views, load_model
+from .encode import encode_views, head_codes, load_model
 
 __all__ = ["StudentJob", "student_job", "run_students"]
 
@@ -27,7 +27,9 @@ __all__ = ["StudentJob", "student_job", "run_students"]
 class StudentJob:
     """One student run: its config (as a dict, so it pickles), the teacher checkpoint and the
     ``{"query", "database"}`` uint8 deterministic views to encode (a
-    :func:`brcd.files.save_file` file)."""
+    :func:`brcd.files.save_file` file), or, for a student whose backbone is frozen,
+    ``eval_feats``: that backbone's features of those views (the head alone encodes them).
+    ``student`` and ``variant`` name the student kind and the ablation variant in the results."""
 
     bits: int
     method: str
@@ -35,6 +37,9 @@ class StudentJob:
     config: dict[str, Any]
     teacher: str
     eval_views: str
+    eval_feats: str | None = None
+    student: str = "tiny-cnn"
+    variant: str = "full"
     threads: int = 1
 
 
@@ -58,8 +63,10 @@ def student_job(job: StudentJob, progress: bool = False) -> dict[str, Any]:
     t0 = time.perf_counter()
     distill(DistillInput.from_config(cfg, teacher=job.teacher), make_context(cfg, progress))
     train_s = time.perf_counter() - t0
-    ev = load_file(job.eval_views, "eval views")
-    res: dict[str, Any] = {"job": {"bits": job.bits, "method": job.method, "seed": job.seed},
+    ev = load_file(job.eval_feats or job.eval_views, "eval features" if job.eval_feats
+                   else "eval views")
+    res: dict[str, Any] = {"job": {"bits": job.bits, "method": job.method, "seed": job.seed,
+                                   "student": job.student, "variant": job.variant},
                            "train_s": round(train_s, 1)}
     size = cfg.student.model.image_size
     encoded: dict[int, dict] = {}
@@ -72,7 +79,8 @@ def student_job(job: StudentJob, progress: bool = False) -> dict[str, Any]:
         for split in ("query", "database") if paradigm == "sshp" else ("query",):
             if split not in enc:
                 model = model or load_model(ckpt, cfg.bits)[0]
-                enc[split] = encode_views(model, ev[split], size)
+                enc[split] = (head_codes(model, ev[split], torch.device("cpu"))
+                              if job.eval_feats else encode_views(model, ev[split], size))
         res[f"{paradigm}_epoch"] = epoch
         res[f"{paradigm}_val"] = float(ckpt.get("best", {}).get(paradigm, float("nan")))
         res[f"{paradigm}_query"] = enc["query"].to(torch.int8)
@@ -98,7 +106,8 @@ def run_students(jobs: list[StudentJob], workers: int) -> list[dict[str, Any]]:
         j = r["job"]
         results[i] = r
         bar.update(1)
-        tqdm.write(f"   {j['method']:>8} {j['bits']}b seed {j['seed']}: val SSHP "
+        tqdm.write(f"   {j['student']:>13} {j['method']:>8} {j['variant']:>17} {j['bits']}b "
+                   f"seed {j['seed']}: val SSHP "
                    f"{r['sshp_val']:.3f} ASHP {r['ashp_val']:.3f} (train {r['train_s']:.0f}s)")
 
     if workers <= 1:

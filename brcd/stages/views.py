@@ -38,8 +38,8 @@ from ..files import load_file, save_file
 from ..models import HashModel
 from .context import Context
 
-__all__ = ["ViewCache", "view_cache", "cache_path", "pair_views", "index_batches",
-           "fresh_batches"]
+__all__ = ["ViewCache", "view_cache", "cache_path", "FeatureBank", "student_feature_bank",
+           "pair_views", "index_batches", "fresh_batches"]
 
 
 @dataclass
@@ -152,6 +152,90 @@ def _load_or_build(path: Path, ctx: Context, model: HashModel | None, model_cfg:
     cache = ViewCache(views, det, feats, det_feats)
     save_file(cache.__dict__, path)
     return cache
+
+
+@dataclass
+class FeatureBank:
+    """A frozen student backbone's features of the view bank (the same uint8 views the teacher
+    saw, :class:`ViewCache`) and of the validation queries' deterministic views, so that a
+    student with a frozen backbone trains and validates its head only."""
+
+    feats: torch.Tensor  # float16 [N, V, D]
+    det_feats: torch.Tensor  # float16 [N, D]
+    val_feats: torch.Tensor  # float16 [N_val, D]
+
+
+def _feature_bank_path(ctx: Context, bank: Path, mc: ModelConfig) -> Path:
+    blob = json.dumps({
+        "bank": bank.name, "model": mc.name, "weights": str(mc.weights),
+        "pretrained": mc.pretrained, "size": mc.image_size,
+        "val": hashlib.sha1(np.ascontiguousarray(ctx.splits.val.labels).tobytes()
+                            + str(len(ctx.splits.val)).encode()).hexdigest(),
+    }, sort_keys=True)
+    return ctx.cache_dir / f"feats_{hashlib.sha1(blob.encode()).hexdigest()[:16]}.pt"
+
+
+def student_feature_bank(ctx: Context, cache: ViewCache, bank: Path, *, model: HashModel,
+                         model_cfg: ModelConfig, extract: TrainConfig) -> FeatureBank:
+    """Load, or extract once, a frozen student backbone's features of the view bank.
+
+    Args:
+        ctx: the run context. cache: the teacher's view cache (its uint8 views are encoded).
+        bank: the view cache's file (:func:`cache_path`; keys the features with the student
+            backbone's name, weights and input size). model: the student, backbone frozen.
+        model_cfg: the student's model config. extract: the student's ``train`` section
+            (``autocast`` and ``channels_last`` of the extraction).
+
+    Shape:
+        feats ``[N, V, D]``, det_feats ``[N, D]``, val_feats ``[N_val, D]``, float16.
+
+    Returns:
+        the :class:`FeatureBank` (on the CPU); in a torchrun job rank 0 extracts and writes it.
+    """
+    if not model.freeze_backbone:
+        raise ValueError("student_feature_bank needs a frozen student backbone "
+                         "(student.model.freeze_backbone: true)")
+    path = _feature_bank_path(ctx, bank, model_cfg)
+    fields = [f.name for f in dataclasses.fields(FeatureBank)]
+
+    def load() -> FeatureBank:
+        d = load_file(path, "student feature bank")
+        if not isinstance(d, dict) or sorted(d) != sorted(fields):
+            raise ValueError(f"student feature bank {str(path)!r} is malformed (expected "
+                             f"{fields}); delete it to rebuild it")
+        return FeatureBank(**d)
+
+    def build() -> FeatureBank:
+        if path.is_file():
+            return load()
+        t0 = time.perf_counter()
+        val = torch.cat([x for x in D.eval_views(ctx.splits.val, ctx.data.view_size, 512)]) \
+            if len(ctx.splits.val) else cache.det[:0]
+        n, v = cache.views.shape[:2]
+        was_training, was_autocast = model.training, model.autocast
+        model.eval().set_autocast(extract.autocast)
+        try:
+            with tqdm(total=n * v + n + len(val), desc="student backbone features", unit="img",
+                      disable=not ctx.progress or ctx.logger not in (None, print),
+                      leave=False, dynamic_ncols=True) as bar:
+                opts = dict(size=model_cfg.image_size, ctx=ctx,
+                            channels_last=extract.channels_last, bar=bar)
+                fb = FeatureBank(_features(model, cache.views.flatten(0, 1), **opts)
+                                 .reshape(n, v, -1), _features(model, cache.det, **opts),
+                                 _features(model, val, **opts))
+        finally:
+            model.train(was_training).set_autocast(was_autocast)
+        ctx.log(f"student feature bank: {model_cfg.name} at {model_cfg.image_size} px, "
+                f"{tuple(fb.feats.shape)} in {time.perf_counter() - t0:.1f}s")
+        save_file(fb.__dict__, path)
+        return fb
+
+    d = ctx.dist
+    if not d.enabled:
+        return build()
+    with d.solo() as mine:
+        fb = build() if mine else None
+    return fb if fb is not None else load()
 
 
 def pair_views(n_views: int, size: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
