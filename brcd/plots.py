@@ -1,5 +1,5 @@
 """Report figures (matplotlib, Agg backend, PNG): precision–recall curves, mAP against code
-length and the per-cluster bit-mask heatmap.
+length, the per-cluster bit-mask heatmap and the ablation bars.
 
 Each function takes plain Python/numpy data (e.g. the ``pr_precision`` / ``pr_recall`` of a
 :class:`brcd.retrieval.RetrievalMetrics`), writes one PNG and returns its path.
@@ -16,7 +16,7 @@ matplotlib.use("Agg")  # headless: never open a window, works without a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-__all__ = ["plot_pr_curves", "plot_map_vs_bits", "plot_mask_heatmap"]
+__all__ = ["plot_pr_curves", "plot_map_vs_bits", "plot_mask_heatmap", "plot_ablation"]
 
 
 def _save(fig, path) -> Path:
@@ -123,4 +123,38 @@ def plot_mask_heatmap(mask, path, title: str = "Bits kept per cluster") -> Path:
     ax.set_yticklabels([f"{i} ({int(m[i].sum())})" for i in range(c)], fontsize=7)
     ax.set_title(f"{title} (black = kept; {m.sum(1).mean():.1f}/{length} on average)",
                  fontsize=10)
+    return _save(fig, path)
+
+
+def plot_ablation(variants: dict, path, title: str = "Ablation") -> Path:
+    """Grouped bars: mean mAP per variant and paradigm, error bars = std over seeds.
+
+    Args:
+        variants: ``{name: {"sshp": [per seed], "ashp": [per seed]}}`` in display order.
+        path: output PNG path. title: figure title.
+
+    Returns:
+        the written path.
+
+    Example:
+        >>> plot_ablation({"full": {"sshp": [.6, .62]}, "no mask": {"sshp": [.58]}},
+        ...               "/tmp/ab.png").name
+        'ab.png'
+    """
+    if not isinstance(variants, dict) or not variants:
+        raise ValueError("variants must be a non-empty dict {name: {paradigm: [mAP per seed]}}")
+    names = list(variants)
+    fig, ax = plt.subplots(figsize=(max(5.5, 1.0 + 0.9 * len(names)), 4.2))
+    x = np.arange(len(names))
+    for i, par in enumerate(("sshp", "ashp")):
+        vals = [list(variants[n].get(par) or []) for n in names]
+        mean = [np.mean(v) if v else np.nan for v in vals]
+        std = [np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in vals]
+        ax.bar(x + (i - 0.5) * 0.38, mean, 0.38, yerr=std, capsize=3, label=par.upper())
+    ax.set_xticks(x)
+    ax.set_xticklabels(names, rotation=25, ha="right", fontsize=8)
+    ax.set_ylabel("mAP")
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
     return _save(fig, path)

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import torch
 
+from ..analysis import false_negative_removals
 from ..config import Config, MaskConfig, StageConfig
-from ..masks import ClusterMasks, cluster_stats, compute_cluster_masks
+from ..masks import ClusterMasks, assign_clusters, cluster_stats, compute_cluster_masks
 from ..models import HashModel
 from ..trainer import load_checkpoint, save_checkpoint
 from . import views as V
@@ -97,9 +98,14 @@ def build_masks(inp: MasksInput, ctx: Context) -> MasksResult:
     return MasksResult(save_checkpoint(ckpt, ctx.out_dir / "teacher_masks.pt"), masks)
 
 
-def mask_stats(inp: MasksInput, ctx: Context) -> dict:
+def mask_stats(inp: MasksInput, ctx: Context, batch_size: int | None = None) -> dict:
     """Cluster sizes, bits kept per cluster and the share of offset-positive bank views of a
     ``teacher_masks.pt`` (``inp.teacher``) trained on the view cache.
+
+    Args:
+        inp: the masks settings and teacher. ctx: the run context. batch_size: also the
+            negatives per row that BRCD's false-negative rule removes in random batches of this
+            size (``fn_removed_per_row``, ``fn_removed_share``; :mod:`brcd.analysis`).
 
     Returns:
         :func:`brcd.masks.cluster_stats` of the teacher's codes of every cached view.
@@ -114,4 +120,11 @@ def mask_stats(inp: MasksInput, ctx: Context) -> dict:
                          n_views=st.train.cache_views, extract=st.train)
     n, v, _ = cache.feats.shape
     codes = head_codes(model, cache.feats.flatten(0, 1), ctx.device).reshape(n, v, -1)
-    return cluster_stats(ClusterMasks.from_dict(ckpt["masks"]), codes)
+    masks = ClusterMasks.from_dict(ckpt["masks"])
+    stats = cluster_stats(masks, codes)
+    if batch_size:  # what the false-negative rule removes in batches of the distill schedule
+        hat = assign_clusters(codes.flatten(0, 1).float(), masks.centroids).reshape(n, v)
+        fn = false_negative_removals(masks.train_cluster_ids, hat, batch_size=batch_size,
+                                     n_batches=200, seed=ctx.seed)
+        stats.update({"fn_removed_per_row": fn["per_row"], "fn_removed_share": fn["share"]})
+    return stats
