@@ -1,4 +1,4 @@
-"""The demo's option defaults, its honest BRCD-vs-baseline sentences, and a tiny end-to-end run
+"""The demo's option defaults, its paired BRCD-vs-baseline sentences, and a tiny end-to-end run
 on scikit-learn digits that writes the report, the metrics JSON and the plots, which
 ``--report-only`` renders again from the metrics alone."""
 
@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from brcd import demo, report
+from brcd import analysis, demo, report
+from brcd.losses import ABLATIONS
 
 
 def parse(argv):
@@ -17,8 +18,10 @@ def parse(argv):
 
 
 def test_defaults_full_and_quick():
-    full = parse([])
-    assert full.out == "runs/demo"
+    default = parse([])
+    assert default.out == "runs/demo" and default.bits == [32] and default.seeds == 3
+    assert default.students == ["tiny-cnn", "paper-student"] and not default.no_ablation
+    full = parse(["--full"])
     assert full.bits == [16, 32, 64] and full.seeds == 3 and full.main_bits == 32
     assert full.methods == list(demo.METHODS)
     quick = parse(["--quick"])
@@ -28,21 +31,22 @@ def test_defaults_full_and_quick():
         parse(["--methods", "brcd,magic"])
     with pytest.raises(ValueError, match="--views"):
         parse(["--views", "1"])
+    with pytest.raises(ValueError, match="--students"):
+        parse(["--students", "resnet"])
 
 
-def test_comparisons_say_when_brcd_loses():
-    table = {(32, "brcd", "sshp"): [0.60, 0.62], (32, "sp", "sshp"): [0.65],
-             (32, "none", "sshp"): [0.50], (32, "brcd", "ashp"): [0.70],
-             (32, "sp", "ashp"): [0.20], (32, "none", "ashp"): [0.10]}
-    lines = report.comparisons(table, [32], ["none", "sp", "brcd"])
-    assert any("SSHP" in x and "does NOT beat" in x and "SP 0.650" in x and "0.610" in x
-               for x in lines)
-    assert any("ASHP" in x and "beats every baseline by more than 0.005" in x
-               and "+0.500" in x for x in lines)
-    # a margin inside the seed spread is reported as a tie, not a win
-    table = {(16, "brcd", "sshp"): [0.60, 0.64], (16, "sp", "sshp"): [0.61, 0.60]}
-    lines = report.comparisons(table, [16], ["sp", "brcd"])
-    assert len(lines) == 1 and "no clear win" in lines[0] and "SP 0.605" in lines[0]
+def test_paired_sentences_say_when_brcd_loses():
+    # SSHP: BRCD - SP per seed -0.04, -0.03, -0.05 (mean -0.04, std 0.01, 2 SE 0.012): a loss;
+    # ASHP: +0.02, -0.02, +0.03 (mean 0.01, std 0.0265, 2 SE 0.031): a tie, not a win
+    table = {"32": {"none": {"sshp": [0.50] * 3, "ashp": [0.10] * 3},
+                    "sp": {"sshp": [0.65, 0.65, 0.66], "ashp": [0.20, 0.22, 0.20]},
+                    "brcd": {"sshp": [0.61, 0.62, 0.61], "ashp": [0.22, 0.20, 0.23]}}}
+    t = analysis.paired_table(table, ["none", "sp", "brcd"])["32"]
+    lines = [report.paired_sentence(32, par, "tiny-cnn", t[par]) for par in ("sshp", "ashp")]
+    assert lines[0].startswith("32 bits SSHP, tiny-cnn: BRCD vs SP -0.040 ± 0.010 over 3 "
+                               "paired seeds: loss (2·SE = 0.012)")
+    assert lines[1].startswith("32 bits ASHP, tiny-cnn: BRCD vs SP +0.010 ± 0.026 over 3 "
+                               "paired seeds: tie (2·SE = 0.031)")
 
 
 @pytest.mark.slow
@@ -51,21 +55,39 @@ def test_demo_smoke_on_digits(tmp_path):
     rc = demo.main([
         "--dataset", "digits", "--out", str(out), "--bits", "8", "--methods", "none,brcd",
         "--teacher-epochs", "1", "--student-epochs", "2", "--views", "2", "--workers", "1",
-        "--threads", "1", "--seeds", "1", "--train-images", "128", "--n-val", "64",
+        "--threads", "1", "--seeds", "2", "--train-images", "128", "--n-val", "64",
         "--n-query", "40", "--n-database", "256", "--topk", "50", "--search-gallery", "0",
-        "--no-faiss", "--speed-batches", "1,8",
+        "--no-faiss", "--speed-batches", "1,8", "--main-bits", "8", "--paper-epochs", "1",
+        "--paper-size", "32",
     ])
     assert rc == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["dataset"] == "digits" and m["bits"] == [8]
-    for meth in ("none", "brcd"):
+    for key in ("map", "map_paper_student"):  # both students, 2 paired seeds per method
+        for meth in ("none", "brcd"):
+            for par in ("sshp", "ashp"):
+                assert len(m[key]["8"][meth][par]) == 2
+                assert all(0.0 < v <= 1.0 for v in m[key]["8"][meth][par])
+    assert list(m["ablation"]["8"]) == list(ABLATIONS)
+    assert m["ablation"]["8"]["full"] == m["map_paper_student"]["8"]["brcd"]
+    for st in ("tiny-cnn", "paper-student"):
         for par in ("sshp", "ashp"):
-            (v,) = m["map"]["8"][meth][par]
-            assert 0.0 < v <= 1.0
+            p = m["paired"][st]["8"][par]
+            assert p["best_baseline"] == "none" and p["n"] == 2
+            assert p["verdict"] in ("win", "loss", "tie")
+            key = "map" if st == "tiny-cnn" else "map_paper_student"
+            brcd, base = (m[key]["8"][k][par] for k in ("brcd", "none"))
+            assert p["diff_mean"] == pytest.approx(sum(brcd) / 2 - sum(base) / 2)
+        assert m["students"][st]["speedup"]["8"] > 0
+        assert "brcd_fn_removed" in m["diagnosis"][st]["8"]["loss_terms"]["brcd"]["last"]
+    assert m["students"]["paper-student"]["trainable_params"] < \
+        m["students"]["paper-student"]["params"]
     assert 0.0 <= m["clusters"]["8"]["offset_share"] <= 1.0
+    assert m["clusters"]["8"]["fn_removed_per_row"] >= 0
     assert m["speed"]["encode"]["speedup_bs8"] > 0
     report = (out / "report.md").read_text()
-    for text in ("teacher/teacher", "BRCD", "student, no KD", "speed-up", "offset-positive"):
+    for text in ("teacher/teacher", "BRCD", "student, no KD", "speed-up", "offset-positive",
+                 "Ablation", "paired seeds"):
         assert text in report
     for png in ("pr_curves.png", "map_vs_bits.png", "mask_heatmap.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
