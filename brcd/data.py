@@ -381,7 +381,25 @@ def load_pool(name: str, root: str | Path | None = None) -> tuple[ImageSet, Imag
     if root is None and ds.needs_root:
         raise ValueError(f"dataset {name!r} needs data.root / --data-root")
     r = root if root is not None else ds.default_root
-    return ds.loader(Path(r) if r is not None else None)
+    path = Path(r) if r is not None else None
+    if name == "imagefolder":  # its loader keeps its own per-file scan cache
+        return ds.loader(path)
+    key = (name, str(path.resolve()) if path is not None else None, _stamp(path))
+    if key not in _POOLS:  # one load per process: the demo's workers run many jobs each
+        _POOLS.clear()
+        _POOLS[key] = ds.loader(path)
+    return _POOLS[key]
+
+
+# load_pool's last result, keyed by dataset, root and its files' names, sizes and mtimes
+_POOLS: dict[tuple, tuple[ImageSet, ImageSet | None]] = {}
+
+
+def _stamp(root: Path | None) -> tuple:
+    if root is None or not root.is_dir():
+        return ()
+    return tuple(sorted((str(e), e.stat().st_size, e.stat().st_mtime_ns)
+                        for e in root.rglob("*") if e.is_file()))
 
 
 def check_dataset(name: str) -> None:

@@ -142,12 +142,20 @@ def _first_line(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
-def load_file(path: str | Path, what: str = "file") -> Any:
+# load_file(memo=True): the view cache, a feature bank and the eval views/features of one demo
+_MEMO_SIZE = 4
+_MEMO: dict[tuple, Any] = {}
+
+
+def load_file(path: str | Path, what: str = "file", *, memo: bool = False) -> Any:
     """Verify the checksum of a file written by :func:`save_file`, then load it on the CPU with
     ``weights_only=True``.
 
     Args:
         path: the file. what: what it is, for messages (``"checkpoint"``, ``"view cache"``).
+        memo: keep the payload of the last few such loads in this process and return it again
+            while the file's size and mtime are unchanged (for large read-only caches that
+            every job of a worker process reads; the caller must not modify the payload).
 
     Returns:
         the payload.
@@ -160,6 +168,14 @@ def load_file(path: str | Path, what: str = "file") -> Any:
     name = f"{what} {str(path)!r}"
     if not path.is_file():
         raise ValueError(f"{name} does not exist")
+    if memo:
+        st = path.stat()
+        key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+        if key not in _MEMO:
+            _MEMO[key] = load_file(path, what)
+            while len(_MEMO) > _MEMO_SIZE:
+                _MEMO.pop(next(iter(_MEMO)))
+        return _MEMO[key]
     size = path.stat().st_size
     with open(path, "rb") as fh:
         data = fh.read(max(0, size - _TRAILER))

@@ -64,7 +64,7 @@ def student_job(job: StudentJob, progress: bool = False) -> dict[str, Any]:
     distill(DistillInput.from_config(cfg, teacher=job.teacher), make_context(cfg, progress))
     train_s = time.perf_counter() - t0
     ev = load_file(job.eval_feats or job.eval_views, "eval features" if job.eval_feats
-                   else "eval views")
+                   else "eval views", memo=True)
     res: dict[str, Any] = {"job": {"bits": job.bits, "method": job.method, "seed": job.seed,
                                    "student": job.student, "variant": job.variant},
                            "train_s": round(train_s, 1)}

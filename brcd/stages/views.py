@@ -66,7 +66,7 @@ def cache_path(ctx: Context, mc: ModelConfig, n_views: int) -> Path:
 
 def _load(path: Path, ctx: Context) -> ViewCache:
     ctx.log(f"view cache: loading {path}")
-    d = load_file(path, "view cache")
+    d = load_file(path, "view cache", memo=True)
     fields = [f.name for f in dataclasses.fields(ViewCache)]
     if not isinstance(d, dict) or sorted(d) != sorted(fields) or not all(
             isinstance(d[k], torch.Tensor) for k in fields):
@@ -199,7 +199,7 @@ def student_feature_bank(ctx: Context, cache: ViewCache, bank: Path, *, model: H
     fields = [f.name for f in dataclasses.fields(FeatureBank)]
 
     def load() -> FeatureBank:
-        d = load_file(path, "student feature bank")
+        d = load_file(path, "student feature bank", memo=True)
         if not isinstance(d, dict) or sorted(d) != sorted(fields):
             raise ValueError(f"student feature bank {str(path)!r} is malformed (expected "
                              f"{fields}); delete it to rebuild it")
