@@ -1,34 +1,22 @@
 """``python -m brcd demo``: the end-to-end BRCD demo on Fashion-MNIST, with a report.
 
-A thin script: it only chooses which stages (:mod:`brcd.stages`) to run, on CPU in minutes:
+A thin script: it only chooses which stages (:mod:`brcd.stages`) to run, on CPU:
 
 1. data: Fashion-MNIST from the Debian package (scikit-learn's digits, with a note, when it is
    absent; ``--dataset imagefolder --data-root DIR`` for any class-per-folder tree); 5,000
    training images (500 per class), 1,000 test queries, a 14,000-image database, 500 validation
    queries retrieving against the training split (selection never sees the test queries);
-2. teacher (32 bits; ``--full``: 16/32/64): frozen ImageNet EfficientNet-Lite2 (offline wheel)
-   at 64 px + an MLP hash head trained without labels on cached features of 8 augmented views
-   per image; k-means clusters and per-cluster bit masks;
-3. two students, each distilled with every objective of :data:`brcd.losses.METHODS` on the
-   same cached views, with 3 paired seeds (seed s: the same initialisation and batch order for
-   every method) at every code length:
-
-   * ``tiny-cnn``: a 0.17M-parameter CNN at 28x28 trained from scratch;
-   * ``paper-student``: the paper's protocol, a frozen ImageNet EfficientNet-Lite0 (offline
-     wheel) at 48 px + an MLP head; its features of the bank views are extracted once, so each
-     run trains a head only. It also runs the BRCD ablation (:data:`brcd.losses.ABLATIONS`).
-
-   BRCD anchors on both views, as the baselines use both (``--paper-brcd``: view 1 only). Runs
-   go to parallel single-threaded workers; SSHP / ASHP checkpoints are chosen on validation;
-4. evaluation: mAP@1000, mAP@all, P@H≤2, PR curves, ISD, NRA@K, paired verdicts of BRCD
-   against the best baseline (:mod:`brcd.analysis`), offset positives, negatives removed by
-   the false-negative rule, bits kept, loss parts, encode and search speed;
+2. teacher (32 bits; ``--full``: 16/32/64): frozen ImageNet EfficientNet-Lite2 at 64 px + an
+   MLP hash head trained without labels on cached features of 8 augmented views per image;
+   k-means clusters and per-cluster bit masks;
+3. the students of :mod:`brcd.stages.suite` (tiny-cnn from scratch; the paper's frozen Lite0 +
+   head at 48 px, with the BRCD ablation), every method, 3 paired seeds, on the same cached
+   views, in parallel single-threaded workers; checkpoints chosen on validation;
+4. evaluation, paired verdicts (:mod:`brcd.analysis`), diagnosis, encode and search speed;
    ``<out>/report.md`` + plots (:mod:`brcd.report`), ``metrics.json``.
 
-``--quick`` runs a documented subset in about a minute: 32 bits, one seed, 1,000 training images
-(100 per class), 4 views, 300 queries, a 3,000-image database, 10 teacher / 4 student epochs.
-Everything lives under ``--out`` (default ``runs/demo``); ``<out>/work`` holds checkpoints and
-the shared view cache, reused by a rerun.
+``--quick``: 32 bits, one seed, 1,000 training images, 4 views, 300 queries, a 3,000-image
+database, 10 teacher / 4 student / 8 head epochs. ``<out>/work`` keeps checkpoints and caches.
 """
 
 from __future__ import annotations
@@ -44,19 +32,25 @@ from typing import Any
 
 import torch
 
-from . import analysis, task
 from . import stages as S
-from .config import config_to_dict, load_config, override
+from . import task
+from .config import load_config, override
 from .data import DATASETS, demo_protocol, eval_views
 from .errors import Parser, guarded
 from .files import save_file
-from .losses import ABLATIONS
 from .losses import METHODS as _REGISTRY
-from .models import count_parameters
 from .report import write_report
-from .stages.evaluate import score_runs
 from .stages.runtime import PhaseLog, auto_threads, cpu_has_bf16
 from .stages.speed import speed_report
+from .stages.suite import (
+    STUDENTS,
+    Suite,
+    cluster_report,
+    paper_features,
+    score_suite,
+    student_speed,
+    suite_jobs,
+)
 
 METHODS = tuple(_REGISTRY)
 FASHION_ROOT = DATASETS["fashion-mnist"].default_root
@@ -64,13 +58,6 @@ FASHION_ROOT = DATASETS["fashion-mnist"].default_root
 # options whose default depends on --quick: (demo, --quick); --full: bits 16,32,64
 _QUICK = {"bits": ("32", "32"), "seeds": (3, 1), "teacher_epochs": (20, 10),
           "student_epochs": (8, 4), "paper_epochs": (20, 8), "views": (8, 4)}
-STUDENTS = ("tiny-cnn", "paper-student")
-
-# the paper's student protocol (BRCD_SPEC §2): a frozen ImageNet backbone, below the teacher's
-# input size, with a trainable MLP hash head; only the head trains, on cached features
-PAPER_STUDENT = {"name": "tf_efficientnet_lite0", "pretrained": True, "freeze_backbone": True,
-                 "head": "mlp", "hidden": 512}
-
 __all__ = ["add_arguments", "main", "run"]
 
 
@@ -78,8 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the demo's options to ``parser`` (used by ``python -m brcd demo``)."""
     parser.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     parser.add_argument("--quick", action="store_true",
-                        help="documented subset: 32 bits, 1 seed, 1k training images, 4 views, "
-                        "3k database, 300 queries")
+                        help="documented subset: 1 seed, 1k training images, 4 views (above)")
     parser.add_argument("--dataset", default="auto", choices=["auto", *DATASETS],
                         help="auto: Fashion-MNIST when installed, else scikit-learn digits")
     parser.add_argument("--data-root", default=None,
@@ -89,18 +75,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bits", default=None,
                         help="comma-separated code lengths (default 32; --full: 16,32,64)")
     parser.add_argument("--main-bits", type=int, default=32,
-                        help="code length of the ablation, the alignment analysis and the "
-                        "speed tables (default 32)")
+                        help="code length of the ablation, alignment and speed (default 32)")
     parser.add_argument("--seeds", type=int, default=None,
-                        help="paired student seeds at every code length, for every method "
-                        "(default 3; quick: 1)")
+                        help="paired seeds per method and code length (default 3; quick: 1)")
     parser.add_argument("--students", default=",".join(STUDENTS),
-                        help="comma-separated students: tiny-cnn (0.17M parameters, trained "
-                        "from scratch), paper-student (frozen ImageNet Lite0 + MLP head, the "
-                        "paper's protocol); default both")
+                        help="tiny-cnn (from scratch), paper-student (frozen ImageNet Lite0 + "
+                        "MLP head, the paper's protocol); default both")
     parser.add_argument("--paper-size", type=int, default=48,
-                        help="input size of the paper student's Lite0 (default 48; the teacher "
-                        "sees 64)")
+                        help="the paper student's input size (default 48; teacher 64)")
     parser.add_argument("--paper-epochs", type=int, default=None,
                         help="epochs of the paper student's head (default 20; quick: 8)")
     parser.add_argument("--no-ablation", action="store_true",
@@ -120,16 +102,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--n-database", type=int, default=None, help="database size")
     g.add_argument("--n-val", type=int, default=None, help="validation queries")
     parser.add_argument("--paper-brcd", action="store_true",
-                        help="BRCD anchored on the student's view-1 codes only, as in the paper "
-                        "(default: both views anchor, distill.symmetric, as the KD baselines "
-                        "use both views)")
+                        help="BRCD anchored on view 1 only, as in the paper (default: both "
+                        "views, as the KD baselines use both)")
     parser.add_argument("--workers", type=int, default=2,
                         help="parallel student processes, 1 thread each (default 2)")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads of the main process (0 = cores minus current load)")
     parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
-                        help="training/feature precision on CPU: bf16 autocast where the CPU has "
-                        "native bf16 (AMX / AVX512-BF16), else fp32 (default auto)")
+                        help="CPU precision: auto = bf16 autocast where native (AMX / "
+                        "AVX512-BF16), else fp32")
     parser.add_argument("--device", default="cpu", help="cpu (default) | cuda | auto")
     parser.add_argument("--search-gallery", type=int, default=1_000_000,
                         help="synthetic gallery size for the search-speed comparison")
@@ -236,139 +217,12 @@ def _teachers(args, base, splits, work: Path, bf16: bool, log: PhaseLog) -> dict
     return teachers
 
 
-def _clusters(args, base, splits, teachers, log) -> dict[str, dict]:
-    """Per code length: cluster sizes, bits kept and offset-positive views of the bank."""
-    out = {}
-    for b in args.bits:
-        cfg_b = override(base, {"bits": b})
-        out[str(b)] = S.mask_stats(S.MasksInput.from_config(cfg_b, teachers[b]),
-                                   S.make_context(cfg_b, progress=False, splits=splits),
-                                   batch_size=min(cfg_b.student.train.batch_size,
-                                                  len(splits.train)))
-        log(f"{b} bits: {100 * out[str(b)]['offset_share']:.1f}% of augmented views are offset "
-            f"positives; bits kept per cluster {out[str(b)]['bits_kept']}")
-    return out
-
-
-def _student_overrides(args, student: str) -> dict[str, Any]:
-    if student == "tiny-cnn":
-        return {}
-    e = args.paper_epochs
-    return {**{f"student.model.{k}": v for k, v in PAPER_STUDENT.items()},
-            "student.model.image_size": args.paper_size, "student.train.epochs": e,
-            "student.train.eval_every": max(1, e // 4)}
-
-
-def _variants(args, student: str, bits: int) -> list[tuple[str, str]]:
-    """(method, ablation variant) pairs of one student at one code length."""
-    pairs = [(m, "full") for m in args.methods]
-    if (student == "paper-student" and bits == args.main_bits and not args.no_ablation
-            and "brcd" in args.methods):
-        pairs += [("brcd", v) for v in ABLATIONS if v != "full"]
-    return pairs
-
-
-def _jobs(args, base, teachers, ev: dict[str, Path], work: Path, bf16: bool
-          ) -> list[S.StudentJob]:
-    """Every student run; seed s gives every method and variant the same initialisation and
-    batch order (``distill.seed``). The long tiny-cnn runs come first (better packing)."""
-    jobs = []
-    for student in args.students:
-        for b in args.bits:
-            for meth, var in _variants(args, student, b):
-                for seed in range(args.seeds):
-                    name = meth if var == "full" else f"{meth}-{var}"
-                    cfg = override(base, {
-                        "bits": b, "out_dir": str(work / f"b{b}" / student / f"{name}-s{seed}"),
-                        "distill.method": meth, "distill.seed": seed,
-                        "distill.symmetric": not args.paper_brcd,
-                        "student.train.autocast": "bf16" if bf16 else "none",
-                        **_student_overrides(args, student), **ABLATIONS[var]})
-                    jobs.append(S.StudentJob(
-                        bits=b, method=meth, seed=seed, config=config_to_dict(cfg),
-                        teacher=str(teachers[b]), eval_views=str(ev["views"]),
-                        eval_feats=str(ev["paper"]) if student == "paper-student" else None,
-                        student=student, variant=var))
-    return jobs
-
-
-def _paper_features(args, base, splits, views: dict[str, torch.Tensor], work: Path,
-                    bf16: bool, log: PhaseLog) -> Path:
-    """The paper student's frozen Lite0 features, extracted once for every run: the bank views
-    the teacher saw (the distill stage's feature bank) and the test queries and database."""
-    cfg = override(base, {"bits": args.main_bits, **_student_overrides(args, "paper-student"),
-                          "student.train.autocast": "bf16" if bf16 else "none"})
-    ctx = S.make_context(cfg, splits=splits, logger=log)
-    cache = task.view_cache(cfg, splits, log)
-    model = S.build_model(cfg.student.model, cfg.bits, cfg.student.train.autocast)
-    model.to(memory_format=torch.channels_last)
-    nv = cfg.teacher.train.cache_views
-    S.student_feature_bank(ctx, cache, S.views.cache_path(ctx, cfg.teacher.model, nv),
-                           model=model, model_cfg=cfg.student.model, extract=cfg.student.train)
-    size = cfg.student.model.image_size
-    feats = {k: S.encode_views(model, v, size, batch=256, features=True).half()
-             for k, v in views.items()}
-    return save_file(feats, work / f"eval_feats_lite0_{size}.pt")
-
-
-def _pick(results: list[dict], student: str, variant: str | None = "full") -> list[dict]:
-    """The results of one student (and one variant; None: every variant, renamed to it)."""
-    out = []
-    for r in results:
-        j = r["job"]
-        if j["student"] != student or (variant is not None and j["variant"] != variant):
-            continue
-        if variant is None:
-            if j["method"] != "brcd":
-                continue
-            r = {**r, "job": {**j, "method": j["variant"]}}
-        out.append(r)
-    return out
-
-
-def _diagnosis(scored: dict, main_bits: int) -> dict[str, Any]:
-    """Alignment (seed 0) and first/last-epoch loss parts per method at ``main_bits``."""
-    keep = ("ntxent", "kl", "own", "kd")
-    isd, nra, terms = {}, {}, {}
-    for run in scored["runs"]:
-        if run["bits"] != main_bits or run["seed"] != 0:
-            continue
-        m = run["method"]
-        if "isd_ashp_query" in run:
-            isd[m], nra[m] = run["isd_ashp_query"], run["nra_sshp"]
-        hist = run.get("history") or []
-        if hist:
-            terms[m] = {w: {k: v for k, v in hist[i].items() if k in keep or
-                            k.startswith("brcd_")} for w, i in (("first", 0), ("last", -1))}
-    return {str(main_bits): {"isd": isd, "nra": nra, "loss_terms": terms}}
-
-
-def _student_speed(teacher: Path, mc, batches: list[int], log: PhaseLog) -> dict[str, Any]:
-    from .stages.encode import load_model
-    from .stages.speed import encode_speed
-
-    tmodel, spec = load_model(teacher)
-    smodel = S.build_model(mc, spec["bits"])
-    enc = encode_speed(tmodel.to(memory_format=torch.channels_last),
-                       smodel.to(memory_format=torch.channels_last), t_size=spec["image_size"],
-                       s_size=mc.image_size, batches=batches)
-    log(f"encode: {mc.name} at {mc.image_size} px: speed-up over the teacher " + ", ".join(
-        f"{enc[f'speedup_bs{bs}']}x at batch {bs}" for bs in batches))
-    what = ("frozen ImageNet Lite0 + MLP head" if mc.freeze_backbone
-            else f"{mc.name}, trained from scratch")
-    return {"label": f"{what}, {mc.image_size} px", "params": count_parameters(smodel),
-            "trainable_params": count_parameters(smodel, trainable_only=True),
-            "speedup": {str(bs): enc[f"speedup_bs{bs}"] for bs in batches}, "encode": enc}
-
-
 def run(args: argparse.Namespace) -> dict:
     """Run the whole demo; returns the metrics dict (also written to ``<out>/metrics.json``)."""
     args = _defaults(args)
-    log, out = PhaseLog(), Path(args.out)
-    work = out / "work"
+    log, out, work = PhaseLog(), Path(args.out), Path(args.out) / "work"
     (work / "cache").mkdir(parents=True, exist_ok=True)
-    threads = auto_threads(args.threads)
-    torch.set_num_threads(threads)
+    torch.set_num_threads(threads := auto_threads(args.threads))
     # bf16 autocast only where the CPU has it natively; CUDA keeps the trainer's own AMP
     bf16 = args.device == "cpu" and (args.precision == "bf16" or (
         args.precision == "auto" and cpu_has_bf16()))
@@ -383,60 +237,41 @@ def run(args: argparse.Namespace) -> dict:
     with log.phase("teachers, clusters and masks"):
         teachers = _teachers(args, base, splits, work, bf16, log)
     with log.phase("teacher codes of queries and database"):
-        vs = base.data.view_size
-        views = {s: torch.cat(list(eval_views(getattr(splits, s), vs, 512)))
+        views = {s: torch.cat(list(eval_views(getattr(splits, s), base.data.view_size, 512)))
                  for s in ("query", "database")}
         ev = {"views": save_file(views, work / "eval_views.pt")}
         t_codes = S.shared_backbone_codes(teachers, views, autocast="bf16" if bf16 else "none")
+    suite = Suite(**{k: getattr(args, k) for k in ("students", "bits", "methods", "seeds",
+                  "main_bits", "paper_size", "paper_epochs")}, ablation=not args.no_ablation,
+                  symmetric=not args.paper_brcd, autocast="bf16" if bf16 else "none")
     if "paper-student" in args.students:
         with log.phase("paper student: frozen Lite0 features (once)"):
-            ev["paper"] = _paper_features(args, base, splits, views, work, bf16, log)
-    jobs = _jobs(args, base, teachers, ev, work, bf16)
+            ev["paper"] = paper_features(suite, base, splits, views, work, log)
+    jobs = suite_jobs(suite, base, teachers, ev, work)
     with log.phase(f"students ({len(jobs)} runs, {args.workers} worker(s))"):
         results = S.run_students(jobs, args.workers)
     with log.phase("evaluation"):
-        score = dict(query_labels=ql, db_labels=dl, main_bits=args.main_bits, topk=args.topk,
-                     log=log)
-        scored = {st: score_runs(_pick(results, st), t_codes, methods=args.methods, **score)
-                  for st in args.students}
-        main_key = args.students[0]
-        metrics_runs = scored[main_key]
-        extra: dict[str, Any] = {}
-        if "paper-student" in args.students:
-            extra["map_paper_student"] = scored["paper-student"]["map"]
-            extra["details_paper_student"] = scored["paper-student"]["details"]
-            ab = _pick(results, "paper-student", None)
-            if ab and not args.no_ablation:
-                variants = [v for v in ABLATIONS if any(r["job"]["method"] == v for r in ab)]
-                abl = score_runs(ab, {args.main_bits: t_codes[args.main_bits]},
-                                 methods=variants, **{**score, "log": lambda _m: None})
-                extra["ablation"] = {str(args.main_bits): abl["map"][str(args.main_bits)]}
-                extra["ablation_paired"] = analysis.ablation_paired(extra["ablation"])
-        maps = {st: scored[st]["map"] for st in args.students}
-        extra["paired"] = {st: analysis.paired_table(maps[st], args.methods) for st in maps}
+        scored = score_suite(suite, results, t_codes, ql, dl, topk=args.topk, log=log)
     with log.phase("clusters and offset positives"):
-        clusters = _clusters(args, base, splits, teachers, log)
+        clusters = cluster_report(base, args.bits, splits, teachers, log)
     with log.phase("encode and search speed"):
         mb = args.main_bits
         speed, s_params, t_params = speed_report(
             teachers[mb], base.student.model, t_codes[mb], batches=args.speed_batches,
             topk=args.topk, gallery=min(args.search_gallery, 100_000) if args.quick
             else args.search_gallery, use_faiss=not args.no_faiss, log=log)
-        students = {st: _student_speed(teachers[mb], override(
-            base, _student_overrides(args, st)).student.model, args.speed_batches, log)
-            for st in args.students}
+        students = {st: student_speed(teachers[mb], override(base, suite.overrides(st))
+                                      .student.model, args.speed_batches, log)
+                    for st in args.students}
     argv = sys.argv[2:] if sys.argv[1:2] == ["demo"] else sys.argv[1:]
     metrics = {
         "command": "python -m brcd demo " + " ".join(argv), "dataset": dataset, "note": note,
         "splits": splits.summary(), "bits": args.bits, "main_bits": args.main_bits,
         "seeds": args.seeds, "methods": args.methods, "students": students,
-        "topk": min(args.topk, len(dl)), **metrics_runs,
-        "runs": [r for st in args.students for r in scored[st]["runs"]], **extra,
-        "diagnosis": {**{st: _diagnosis(scored[st], mb) for st in args.students},
-                      "clusters": clusters},
+        "topk": min(args.topk, len(dl)), **scored,
+        "diagnosis": {**scored["diagnosis"], "clusters": clusters},
         "clusters": clusters, "speed": speed, "student_params": s_params,
-        "teacher_params": t_params, "threads": threads,
-        "precision": "bf16 autocast" if bf16 else "fp32",
+        "teacher_params": t_params, "threads": threads, "precision": "bf16" if bf16 else "fp32",
         "machine": f"{platform.machine()} {os.cpu_count()} cores", "options": vars(args),
         "phases": log.phases, "wall_s": round(time.perf_counter() - log.t0, 1),
     }
@@ -447,8 +282,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m brcd demo``; returns the exit status (2: a user error, one
-    ``error:`` line; ``--debug`` shows its traceback)."""
+    """``python -m brcd demo``; the exit status (2: a user error, one ``error:`` line)."""
     parser = Parser(prog="python -m brcd demo", description=__doc__.splitlines()[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
