@@ -3,15 +3,14 @@
 Images are held as uint8 tensors ``[3, H, W]`` (grayscale is replicated to 3 channels).
 :data:`DATASETS` is the registry of ``data.name`` values: config validation, the CLI's help and
 the demo read it, and a new dataset is one loader decorated with :func:`register_dataset` (plus
-its test). Two-view augmentation lives in :mod:`brcd.augment`.
+its test). Image-folder decoding, scanning and the demo's protocol sizes live in
+:mod:`brcd.imagefolder` (re-exported here); two-view augmentation in :mod:`brcd.augment`.
 """
 
 from __future__ import annotations
 
 import gzip
-import itertools
 import pickle
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 from torchvision.transforms import v2 as T
+
+from .imagefolder import DEMO_PROTOCOL, _readable, protocol_sizes, read_image, scan_imagefolder
+from .imagefolder import IMAGE_SUFFIXES as IMAGE_SUFFIXES
 
 __all__ = [
     "DATASETS",
@@ -46,7 +48,6 @@ __all__ = [
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
 
 class ImageSet:
@@ -67,17 +68,7 @@ class ImageSet:
 
     def get(self, i: int) -> torch.Tensor:
         """Image ``i`` as uint8 ``[3, H, W]``."""
-        if self.images is not None:
-            img = self.images[i]
-        else:
-            from PIL import Image
-
-            try:
-                with Image.open(self.paths[i]) as im:
-                    arr = _to_rgb(im)
-            except (OSError, ValueError) as err:  # changed or removed since the folder scan
-                raise OSError(f"cannot read image {str(self.paths[i])!r}: {err}") from err
-            img = torch.from_numpy(arr).permute(2, 0, 1)
+        img = self.images[i] if self.images is not None else read_image(self.paths[i])
         return img.expand(3, -1, -1) if img.shape[0] == 1 else img
 
     def subset(self, idx: np.ndarray) -> ImageSet:
@@ -87,33 +78,6 @@ class ImageSet:
             images=None if self.images is None else self.images[torch.from_numpy(idx)],
             paths=None if self.paths is None else [self.paths[i] for i in idx],
         )
-
-
-def _to_rgb(im) -> np.ndarray:
-    """A PIL image of any mode as a contiguous uint8 ``[H, W, 3]`` array.
-
-    Grey, palette and CMYK images go through ``convert("RGB")``; 16-bit / 32-bit integer and float
-    greyscale are scaled to 0..255 first (``convert`` would clip a 16-bit PNG to white); images
-    with transparency are composited onto white (their hidden colour is arbitrary, often black);
-    the EXIF orientation of camera photos is applied.
-    """
-    from PIL import Image, ImageOps
-
-    im = ImageOps.exif_transpose(im)
-    if im.mode in ("I", "F") or im.mode.startswith("I;"):
-        a = np.asarray(im, dtype=np.float64)
-        hi = float(a.max()) if a.size else 0.0
-        # integer data above 255 is 16-bit; float data in [0, 1] is a unit-range image
-        scale = 255.0 / 65535.0 if hi > 255 else (255.0 if im.mode == "F" and hi <= 1.0 else 1.0)
-        a = np.clip(np.rint(a * scale), 0, 255).astype(np.uint8)
-        return np.ascontiguousarray(np.repeat(a[..., None], 3, axis=-1))
-    if im.mode == "P" and "transparency" in im.info:
-        im = im.convert("RGBA")
-    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
-        im = im.convert("RGBA")
-        back = Image.new("RGBA", im.size, (255, 255, 255, 255))
-        im = Image.alpha_composite(back, im)
-    return np.array(im.convert("RGB"), dtype=np.uint8)
 
 
 @dataclass
@@ -296,75 +260,14 @@ def _cifar10(root: Path) -> tuple[ImageSet, ImageSet]:
             ImageSet(yte, classes, images=torch.from_numpy(xte)))
 
 
-def _imagefolder_files(root: Path) -> tuple[list[str], list[tuple[int, Path]]]:
-    """Class names and ``(class index, path)`` of the image files, from the listing alone.
-
-    Hidden entries (``.ipynb_checkpoints/``, macOS ``._x.jpg`` forks) are neither classes nor
-    images.
-    """
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    files = []
-    for ci, cname in enumerate(classes):
-        for f in sorted((root / cname).rglob("*")):
-            rel = f.relative_to(root / cname).parts
-            if (f.suffix.lower() in IMAGE_SUFFIXES and not any(x.startswith(".") for x in rel)
-                    and f.is_file()):
-                files.append((ci, f))
-    return classes, files
-
-
-def _readable(f: Path) -> bool:
-    from PIL import Image
-
-    try:  # verify() checks the container (e.g. PNG CRCs); load() decodes every pixel,
-        # which catches truncated PNG / JPEG data that verify() lets through
-        with Image.open(f) as im:
-            im.verify()
-        with Image.open(f) as im:
-            # JPEG: decode at 1/8 scale; the whole entropy-coded stream is still read, so a
-            # truncated file still fails, at a fraction of the cost
-            im.draft(None, (1, 1))
-            im.load()
-    except Exception:  # noqa: BLE001 - any decoder failure means "unreadable"
-        return False
-    return True
-
-
-# root -> (listing signature, readable paths, labels, skipped): the scan decodes every file once;
-# a later load of an unchanged tree (same names, sizes and mtimes) reuses it, so demo_protocol
-# followed by make_splits reads each image once
-_SCANS: dict[str, tuple[tuple, list[Path], list[int], int]] = {}
-
-
 @register_dataset("imagefolder", needs_root=True,
                   help="one sub-folder of images per class under data.root")
 def _imagefolder(root: Path) -> tuple[ImageSet, None]:
     """Class-per-folder images (any size and mode: grey, RGB, RGBA, palette, 16-bit), read
     lazily; files that do not decode are skipped and counted (``ImageSet.skipped``)."""
-    if not root.is_dir():
-        raise ValueError(f"imagefolder root {str(root)!r} is not a directory (data.root)")
-    classes, files = _imagefolder_files(root)
-    sig = (tuple(classes), tuple((ci, str(f), (st := f.stat()).st_size, st.st_mtime_ns)
-                                 for ci, f in files))
-    key = str(root.resolve())
-    if key in _SCANS and _SCANS[key][0] == sig:
-        _, paths, labels, skipped = _SCANS[key]
-    else:
-        paths, labels = [], []
-        for ci, f in files:
-            if _readable(f):
-                paths.append(f)
-                labels.append(ci)
-        skipped = len(files) - len(paths)
-        _SCANS[key] = (sig, paths, labels, skipped)
-    if not paths:
-        raise ValueError(
-            f"imagefolder {str(root)!r} holds no readable images (expected one sub-folder per "
-            f"class with {sorted(IMAGE_SUFFIXES)} files; {skipped} unreadable skipped)"
-        )
-    if skipped:
-        warnings.warn(f"imagefolder {root}: skipped {skipped} unreadable image(s)", stacklevel=2)
-    return ImageSet(np.array(labels), list(classes), paths=list(paths), skipped=skipped), None
+    # _readable is looked up here at call time, so patching brcd.data._readable takes effect
+    classes, paths, labels, skipped = scan_imagefolder(root, readable=_readable)
+    return ImageSet(labels, classes, paths=paths, skipped=skipped), None
 
 
 def load_pool(name: str, root: str | Path | None = None) -> tuple[ImageSet, ImageSet | None]:
@@ -476,41 +379,19 @@ def make_splits(cfg, seed: int = 0) -> Splits:
     )
 
 
-# the demo's Fashion-MNIST protocol (brcd/configs/fashion-mnist.yaml; the demo's --quick)
-DEMO_PROTOCOL: dict[bool, dict[str, int]] = {
-    False: {"train_per_class": 500, "n_query": 1000, "n_database": 14000, "n_val": 500},
-    True: {"train_per_class": 100, "n_query": 300, "n_database": 3000, "n_val": 200},
-}
-
-
-def _train_cap(n: int) -> int:
-    # at most 4/5 of what the training images are drawn from, so validation queries remain
-    return n * 4 // 5
-
-
 def demo_protocol(name: str, root: str | None, *, quick: bool, seed: int = 0,
                   test_fraction: float = 0.2, min_train: int = 64) -> dict[str, Any]:
     """The ``data.*`` overrides of the demo's protocol, scaled down to what a dataset holds.
 
-    The protocol (:data:`DEMO_PROTOCOL`): 500 training images per class, 1,000 test queries, a
-    14,000-image database (it contains the training split), 500 validation queries; ``quick``:
-    100 per class, 300, 3,000, 200. A dataset without a test split first holds out
-    ``test_fraction`` of its images as the test pool, with the draw :func:`make_splits` makes
-    for ``seed``, so the per-class counts used here are exactly those it will see. Then:
-
-    * train: ``train_per_class = min(target, 4/5 of the smallest class in the pool)``; when that
-      is under ``min_train`` images or under half of a random draw (one tiny class would starve
-      the others), ``n_train = min(classes x target, 4/5 of the pool)`` random images instead;
-    * val: ``min(target, pool images outside the training split)``;
-    * database: ``max(n_train, min(target, pool))``; queries: ``min(target, test pool)``.
-
-    The sizes always satisfy :func:`make_splits`' constraints. An image folder is scanned (and
-    its unreadable files counted) once: :func:`make_splits` reuses the scan.
+    The protocol is :data:`DEMO_PROTOCOL`, scaled by :func:`brcd.imagefolder.protocol_sizes`
+    (which states the rules; the sizes always satisfy :func:`make_splits`' constraints). A
+    dataset without a test split first holds out ``test_fraction`` of its images as the test
+    pool, with the draw :func:`make_splits` makes for ``seed``, so the per-class counts used are
+    exactly those it will see. An image folder is scanned once: :func:`make_splits` reuses it.
 
     Args:
         name: a registered dataset (the demo passes ``"imagefolder"``).
-        root: its folder (``--data-root``); None = the dataset's default root (returned as
-            ``data.root``).
+        root: its folder (``--data-root``); None = the dataset's default (returned as data.root).
         quick: the demo's ``--quick`` targets.
         seed: the ``cfg.seed`` that :func:`make_splits` will get (the demo's is 0).
         test_fraction: share held out as the test pool when the dataset has no test split.
@@ -523,9 +404,8 @@ def demo_protocol(name: str, root: str | None, *, quick: bool, seed: int = 0,
         :func:`brcd.config.load_config`.
 
     Raises:
-        ValueError: naming ``--data-root`` when it is required and missing, is not a folder,
-            holds fewer than 2 classes with readable images, or too few images (with the
-            minimum).
+        ValueError: naming ``--data-root`` when it is required and missing, not a folder, or
+            holds under 2 classes with readable images or too few images (with the minimum).
 
     Example:
         >>> o = demo_protocol("digits", None, quick=True)
@@ -547,45 +427,15 @@ def demo_protocol(name: str, root: str | None, *, quick: bool, seed: int = 0,
         pool, test = load_pool(name, root)
     except ValueError as err:
         raise ValueError(f"{where}: {err}") from None
-    n_classes = len(np.unique(pool.labels))
-    if n_classes < 2:
-        raise ValueError(f"{where} holds readable images in {n_classes} class folder(s); the "
-                         f"demo needs at least 2 (one sub-folder of images per class)")
     if test is None:
         test_idx, pool_idx = _hold_out(len(pool), test_fraction, np.random.default_rng(seed))
         n_test, labels = len(test_idx), pool.labels[pool_idx]
     else:
         n_test, labels = len(test), pool.labels
-    n_pool = len(labels)
-    t = DEMO_PROTOCOL[bool(quick)]
-    counts = np.bincount(labels)
-    counts = counts[counts > 0]  # make_splits balances the classes present in the pool
-    per_class = min(t["train_per_class"], _train_cap(int(counts.min())))
-    n_bal = per_class * len(counts)
-    n_rand = min(n_classes * t["train_per_class"], _train_cap(n_pool))
-    if per_class >= 1 and n_bal >= min_train and 2 * n_bal >= n_rand:
-        o = {"data.train_per_class": per_class, "data.n_train": None}
-        n_train = n_bal
-    elif n_rand >= min_train:
-        o = {"data.train_per_class": None, "data.n_train": n_rand}
-        n_train = n_rand
-    else:
-        total = len(pool) + (0 if test is None else len(test))
-        need = next(n for n in itertools.count(2)  # the smallest folder that splits
-                    if _train_cap(n - max(1, int(round(test_fraction * n)))) >= min_train)
-        raise ValueError(
-            f"{where} is too small to split: {total} readable image(s) in {n_classes} classes "
-            f"({pool.skipped} unreadable skipped); the demo needs at least {need} "
-            f"({test_fraction:.0%} held out as test queries, then {min_train} training images, "
-            f"one batch, and validation queries from the rest)"
-        )
-    return {
-        "data.name": name, "data.root": root, **o,
-        "data.n_val": min(t["n_val"], n_pool - n_train),
-        "data.n_database": max(n_train, min(t["n_database"], n_pool)),
-        "data.n_query": min(t["n_query"], n_test),
-        "data.test_fraction": test_fraction,
-    }
+    sizes = protocol_sizes(labels, n_test, len(np.unique(pool.labels)), quick=quick,
+                           min_train=min_train, test_fraction=test_fraction,
+                           skipped=pool.skipped, where=where)
+    return {"data.name": name, "data.root": root, **sizes, "data.test_fraction": test_fraction}
 
 
 # ----------------------------------------------------------------------------- transforms
