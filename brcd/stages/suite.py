@@ -60,7 +60,7 @@ class Suite:
     main_bits: int
     ablation: bool = True
     paper_size: int = 48
-    paper_epochs: int = 20
+    paper_epochs: int = 10
     symmetric: bool = True
     autocast: str = "none"
 
