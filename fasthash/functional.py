@@ -195,7 +195,7 @@ def brcd_contrastive_loss(
     else:
         row_cl = torch.cat([c, c])
         col_cl = torch.cat([c, c_aug])
-    lse = _ops.contrastive_lse(zs, zt, pos, row_cl, col_cl, inv_tau)
+    lse = _ops.contrastive_lse_auto(zs, zt, pos, row_cl, col_cl, inv_tau)
     return reduce_rows(lse - torch.cat([pos, pos]), reduction)
 
 
@@ -210,8 +210,6 @@ def _brcd_parts(
         student, teachers, mask_table, cluster_ids, aug_cluster_ids,
         alpha=alpha, temperature=temperature, reduction=reduction,
     )
-    bsz = student.shape[0]
-    dev = student.device
     inv_tau = 1.0 / tau
     dt = compute_dtype(student)
     s = student.to(dt)
@@ -229,12 +227,14 @@ def _brcd_parts(
     zt = normalize_rows(t2 if m is None else t2 * m)
     a_ind = (normalize_rows(s) * normalize_rows(t)).sum(dim=1) * inv_tau
     g_pos = (zs * zt).sum(dim=1) * inv_tau
-    if c is None:
-        pos = alpha * a_ind + (1.0 - alpha) * g_pos
-    else:
-        alpha_k = torch.full((bsz,), float(alpha), dtype=dt, device=dev)
-        alpha_k = torch.where(c_aug != c, torch.ones_like(alpha_k), alpha_k)
-        pos = alpha_k * a_ind + (1.0 - alpha_k) * g_pos
+    # alpha rounded to the compute dtype first, as a dtype tensor would be: then 1 - alpha is
+    # exact in float64 and rounds like the dtype's own subtraction, and the two weights sum to
+    # 1 in that dtype (rounding 1 - alpha from the float64 alpha shifts every positive by an ulp)
+    a32 = float(np.float32(alpha)) if dt == torch.float32 else alpha
+    pos = a32 * a_ind + (1.0 - a32) * g_pos
+    if c is not None:
+        # alpha_k = 1 (an offset positive): 1 * a + 0 * g is exactly a, so select a_ind
+        pos = torch.where(c_aug != c, a_ind, pos)
     return zs, zt, pos, c, c_aug, inv_tau
 
 
@@ -327,7 +327,7 @@ def nt_xent_loss(
     if group is not None:
         return _nt_xent_global(z1, z2, temperature, reduction, group)
     za, zb, pos, inv_tau = _nt_xent_parts(z1, z2, temperature, reduction)
-    lse = _ops.contrastive_lse(za, zb, pos, None, None, inv_tau)
+    lse = _ops.contrastive_lse_auto(za, zb, pos, None, None, inv_tau)
     return reduce_rows(lse - torch.cat([pos, pos]), reduction)
 
 

@@ -3,7 +3,9 @@
 Nothing here allocates an N x N matrix: the contrastive log-sum-exp walks row blocks x column
 blocks of the logits with an online (or, when it is safe, fixed-shift) log-sum-exp and keeps only
 per-row statistics; the backward recomputes the logits block by block. Peak extra memory is
-``O(N * L + BLOCK_ROWS * BLOCK_COLS)``.
+``O(N * L + BLOCK_ROWS * BLOCK_COLS)``. A whole batch whose logits fit one block (``2B x 2B <=
+BLOCK_ROWS x BLOCK_COLS``, e.g. B <= 256) is computed as that one tile with a handful of ops:
+at small N the per-tile bookkeeping, not the math, was the cost of a call.
 
 Math (shared with the Triton kernels in ``contrastive_triton.py``): with ``Z = [za; zb]``
 (``R = 2B`` unit-norm or zero rows), ``G = Z Z^T / tau`` and ``partner(a) = (a + B) mod R``,
@@ -45,11 +47,12 @@ BLOCK_COLS = 1024
 def normalize_rows(x: torch.Tensor) -> torch.Tensor:
     """Rows scaled to unit L2 norm; an all-zero row stays zero (and gets zero gradient).
 
-    The division uses a safe denominator so autograd never sees ``0 * inf``.
+    A zero row is divided by ``inf`` (``0 / inf = 0``; its gradients ``g / inf`` and
+    ``-g x / inf^2`` are exactly 0 and the ``where`` stops them before the norm), so autograd
+    never sees ``0 * inf`` and the graph has three nodes (this runs on every loss call).
     """
     n = torch.linalg.vector_norm(x, dim=1, keepdim=True)
-    ok = n > 0
-    return x / torch.where(ok, n, torch.ones_like(n)) * ok
+    return x / torch.where(n > 0, n, math.inf)
 
 
 def _normalize_backward(x: torch.Tensor, xhat: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -135,8 +138,8 @@ def masked_similarity_grad_cpu(
 # Same-cluster exclusion folded into the logits matmul: appending -BIG * onehot(row cluster) to
 # the rows and onehot(column cluster) to the columns adds exactly -BIG to dropped logits and
 # exactly 0 (products with 0) to kept ones, so exp() of a dropped logit underflows to exactly 0:
-# an exact removal without a compare / masked_fill pass per tile. Used while the number of
-# distinct clusters in the batch is small.
+# an exact removal without a compare / masked_fill pass per tile. Used by the tiled path while
+# the number of distinct clusters in the batch is small (the one-tile path compares once).
 _BIG = 1.0e4
 _MAX_ONEHOT = 128
 
@@ -162,29 +165,22 @@ def _band_hits(r0: int, r1: int, c0: int, c1: int, half: int) -> bool:
     return any(a < c1 and c0 < b for a, b in spans)
 
 
-def _drop_tile(
-    r0: int,
-    r1: int,
-    c0: int,
-    c1: int,
-    half: int,
-    total: int,
-    row_cluster: torch.Tensor | None,
-    col_cluster: torch.Tensor | None,
-    device: torch.device,
-) -> torch.Tensor | None:
-    """Boolean [r1-r0, c1-c0] tile of dropped entries (diagonal, partner, same cluster), or
-    None when every entry of the tile is a kept negative."""
-    drop = None
-    if _band_hits(r0, r1, c0, c1, half):
-        rows = torch.arange(r0, r1, device=device)
-        cols = torch.arange(c0, c1, device=device)
-        partner = (rows + half) % total
-        drop = (cols[None, :] == rows[:, None]) | (cols[None, :] == partner[:, None])
-    if row_cluster is not None:
-        dc = row_cluster[r0:r1, None] == col_cluster[None, c0:c1]
-        drop = dc if drop is None else drop | dc
-    return drop
+def _fill_bands(tile: torch.Tensor, r0: int, r1: int, c0: int, half: int, value: float) -> None:
+    """Set the diagonal (``b = a``) and partner (``b = (a + B) mod 2B``) entries of the tile
+    ``logits[r0:r1, c0:c0 + tile.shape[1]]`` to ``value`` in place.
+
+    Tile entry ``(i, j)`` is global ``(r0 + i, c0 + j)``, so each band is one diagonal of the
+    tile (of its first-half or second-half rows): filling diagonal views replaces building
+    arange / compare masks per tile. An offset outside the tile gives an empty view (a no-op).
+    """
+    if not _band_hits(r0, r1, c0, c0 + tile.shape[1], half):
+        return
+    tile.diagonal(r0 - c0).fill_(value)
+    if r0 < half:  # rows of the first half: partner column r + half
+        tile[:min(r1, half) - r0].diagonal(r0 + half - c0).fill_(value)
+    if r1 > half:  # rows of the second half: partner column r - half
+        lo = max(r0, half)
+        tile[lo - r0:].diagonal(lo - half - c0).fill_(value)
 
 
 def row_segments(half: int, row_offset: int, row_count: int | None, rows: int | None = None):
@@ -224,6 +220,59 @@ def _row_blocks(spans):
             yield r0, min(g1, r0 + BLOCK_ROWS), l0 + r0 - g0
 
 
+def _one_tile(spans, total: int, fixed: bool) -> bool:
+    """Whether the whole problem is one tile: the whole batch's first ``rows`` rows (one span
+    from 0, B or 2B rows) against all ``total`` columns in at most one block's worth of logits,
+    fixed shift.
+
+    At small N the per-call bookkeeping of the tile loop (slices, index masks, the one-hot
+    cluster features) costs more than the math of a single ``2B x 2B`` tile; the one-tile paths
+    below run a handful of ops instead and materialise nothing larger than the tiled path."""
+    if not fixed or len(spans) != 1 or spans[0][0] != 0 or spans[0][1] % (total // 2):
+        return False
+    return spans[0][1] * total <= BLOCK_ROWS * BLOCK_COLS
+
+
+def _zero_block_diagonals(e: torch.Tensor, half: int) -> None:
+    """Zero the diagonal and partner entries of the first ``k B`` rows (``k`` = 1 or 2) of the
+    whole-batch logits ``[k B, 2B]`` in place: seen as ``[k, B, 2, B]`` they are exactly the
+    diagonals of the ``B x B`` blocks, one strided view (one fill instead of three)."""
+    e.view(e.shape[0] // half, half, 2, half).diagonal(dim1=1, dim2=3).fill_(0.0)
+
+
+def _same_cluster(row_cluster: torch.Tensor, col_cluster: torch.Tensor) -> torch.Tensor:
+    """``D[a, b] = row_cluster[a] == col_cluster[b]`` over the whole (one-tile) batch."""
+    return row_cluster[:, None] == col_cluster[None, :]
+
+
+def _lse_one_tile(z, pos2, row_cluster, col_cluster, inv_tau, half):
+    """:func:`contrastive_lse_cpu` for a whole batch that is one tile (fixed shift): the same
+    sums as the tiled loop with one row block and one column block, in a handful of ops."""
+    e = torch.addmm(z.new_full((1, 1), -inv_tau), z, z.T, alpha=inv_tau).exp_()
+    _zero_block_diagonals(e, half)
+    if row_cluster is not None:
+        e.masked_fill_(_same_cluster(row_cluster, col_cluster), 0.0)
+    acc = torch.exp(pos2 - inv_tau).add_(e.sum(dim=1))
+    return acc.log_().add_(inv_tau)
+
+
+def _lse_backward_one_tile(z, coef, row_cluster, col_cluster, inv_tau, half, grad_rows):
+    """:func:`contrastive_lse_backward_cpu` for a whole batch that is one tile (fixed shift).
+
+    With ``A[i, b] = a[i] [b in keep(i)]`` the weight of ``E[i, b]`` is ``A[i, b] + A[b, i]``
+    (row role + column role): the same-cluster test of the column role is the transposed test
+    of the row role, so one compare serves both; the diagonal / partner bands are zeroed in
+    ``E`` (their weight then does not matter, and every weight is finite)."""
+    e = torch.addmm(z.new_full((1, 1), -inv_tau), z[:grad_rows], z.T, alpha=inv_tau).exp_()
+    _zero_block_diagonals(e, half)
+    if row_cluster is None:
+        w = coef[:grad_rows, None] + coef[None, :]
+    else:
+        a = torch.where(_same_cluster(row_cluster, col_cluster), 0.0, coef[:, None])
+        w = a[:grad_rows] + a[:, :grad_rows].T
+    return torch.mm(e.mul_(w), z).mul_(inv_tau)
+
+
 def contrastive_lse_cpu(
     za: torch.Tensor,
     zb: torch.Tensor,
@@ -245,9 +294,11 @@ def contrastive_lse_cpu(
     if pos.shape[0] != (half if row_count is None else row_count):
         raise ValueError(f"pos must hold one positive per local row, got {pos.shape[0]}")
     pos2 = torch.cat([pos, pos]).to(dt)
+    fixed = 2.0 * inv_tau < FIXED_SHIFT_LIMIT[dt]
+    if _one_tile(spans, total, fixed):
+        return _lse_one_tile(z, pos2, row_cluster, col_cluster, inv_tau, half)
     zs = z * inv_tau  # rows pre-scaled: one matmul gives logits
     zt = z.T
-    fixed = 2.0 * inv_tau < FIXED_SHIFT_LIMIT[dt]
     shift = torch.full((1, 1), -inv_tau, dtype=dt, device=z.device)
     lse = torch.empty(pos2.shape[0], dtype=dt, device=z.device)
     feats = None
@@ -268,14 +319,18 @@ def contrastive_lse_cpu(
             acc = torch.ones_like(m)
         for c0 in range(0, total, BLOCK_COLS):
             c1 = min(total, c0 + BLOCK_COLS)
-            drop = _drop_tile(r0, r1, c0, c1, half, total, row_cluster, col_cluster, z.device)
+            drop = None
+            if row_cluster is not None:
+                drop = row_cluster[r0:r1, None] == col_cluster[None, c0:c1]
             if fixed:
                 e = torch.addmm(shift, q, zt[:, c0:c1]).exp_()
+                _fill_bands(e, r0, r1, c0, half, 0.0)
                 if drop is not None:
                     e.masked_fill_(drop, 0.0)
                 acc += e.sum(dim=1)
             else:
                 s = q @ zt[:, c0:c1]
+                _fill_bands(s, r0, r1, c0, half, -math.inf)
                 if drop is not None:
                     s.masked_fill_(drop, -math.inf)
                 m_new = torch.maximum(m, s.amax(dim=1))
@@ -312,11 +367,15 @@ def contrastive_lse_backward_cpu(
     check_global_vectors(total, grad_lse=grad_lse, lse=lse)
     g = grad_lse.to(dt)
     lse = lse.to(dt)
+    fixed = 2.0 * inv_tau < FIXED_SHIFT_LIMIT[dt]
+    coef = g * torch.exp(inv_tau - lse) if fixed else None
+    spans = row_segments(half, row_offset, row_count, grad_rows)
+    if _one_tile(spans, total, fixed):
+        return _lse_backward_one_tile(z, coef, row_cluster, col_cluster, inv_tau, half,
+                                      grad_rows)
     zs = z * inv_tau
     zt = z.T
-    fixed = 2.0 * inv_tau < FIXED_SHIFT_LIMIT[dt]
     shift = torch.full((1, 1), -inv_tau, dtype=dt, device=z.device)
-    coef = g * torch.exp(inv_tau - lse) if fixed else None
     feats = None
     if fixed and row_cluster is not None:
         feats = _cluster_features(row_cluster, col_cluster, dt)
@@ -333,25 +392,22 @@ def contrastive_lse_backward_cpu(
         wc_b = torch.cat([cf, cf * oh_r], dim=1).T  # column role, column side (b's row cluster)
         row_cluster = col_cluster = None
     out = torch.empty(grad_rows, z.shape[1], dtype=dt, device=z.device)
-    for r0, r1, lo in _row_blocks(row_segments(half, row_offset, row_count, grad_rows)):
+    for r0, r1, lo in _row_blocks(spans):
         q = zs[r0:r1]
         acc = torch.zeros(r1 - r0, z.shape[1], dtype=dt, device=z.device)
         for c0 in range(0, total, BLOCK_COLS):
             c1 = min(total, c0 + BLOCK_COLS)
-            geo = _drop_tile(r0, r1, c0, c1, half, total, None, None, z.device)
-            drop_r = drop_c = geo
+            drop_r = drop_c = None
             if row_cluster is not None:
                 # the column role tests row b's cluster against row i's column cluster
-                dr = row_cluster[r0:r1, None] == col_cluster[None, c0:c1]
-                dc = row_cluster[None, c0:c1] == col_cluster[r0:r1, None]
-                drop_r = dr if geo is None else dr | geo
-                drop_c = dc if geo is None else dc | geo
+                drop_r = row_cluster[r0:r1, None] == col_cluster[None, c0:c1]
+                drop_c = row_cluster[None, c0:c1] == col_cluster[r0:r1, None]
             if fixed:
+                # the bands are zeroed in E, so their weights do not matter (all are finite)
                 e = torch.addmm(shift, q, zt[:, c0:c1]).exp_()
+                _fill_bands(e, r0, r1, c0, half, 0.0)
                 if feats is not None:
                     w = (wr_a[r0:r1] @ wr_b[:, c0:c1]).addmm_(wc_a[r0:r1], wc_b[:, c0:c1])
-                    if geo is not None:
-                        w.masked_fill_(geo, 0.0)
                 elif drop_r is None:
                     w = coef[r0:r1, None] + coef[None, c0:c1]
                 else:
@@ -360,9 +416,11 @@ def contrastive_lse_backward_cpu(
                 p = e.mul_(w)
             else:
                 s = q @ zt[:, c0:c1]
+                # the bands become exactly 0 after exp; non-kept entries may otherwise be inf:
+                # replace them (never multiply them by zero)
+                _fill_bands(s, r0, r1, c0, half, -math.inf)
                 p = torch.exp(s - lse[r0:r1, None])
                 p_c = torch.exp(s - lse[None, c0:c1])
-                # non-kept entries may be inf: replace them (never multiply them by zero)
                 if drop_r is not None:
                     p.masked_fill_(drop_r, 0.0)
                     p_c.masked_fill_(drop_c, 0.0)

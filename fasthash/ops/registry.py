@@ -17,6 +17,11 @@ Ops (inputs are validated by :mod:`fasthash.functional`, not here):
   ``fasthash::contrastive_lse_rows_backward``: the same for one rank's rows of the gathered
   global batch (the distributed losses, :mod:`fasthash.distributed`); no autograd formula (the
   caller's ``autograd.Function`` gathers the global ``grad_lse`` first).
+
+The losses call :func:`contrastive_lse_auto`: on plain eager CPU tensors it runs the op's CPU
+implementation and autograd formula through a plain ``autograd.Function`` (the same functions,
+so the same numbers), skipping the dispatcher's Python layers that cost as much as the math
+of a small batch; everything else (CUDA, torch.compile, subclasses) calls the op.
 """
 
 # no `from __future__ import annotations`: custom_op infers its schema from real type hints
@@ -208,6 +213,12 @@ def _lse_setup(ctx, inputs, output):
 
 
 def _lse_backward(ctx, grad):
+    return _lse_grads(ctx, grad, contrastive_lse_backward)
+
+
+def _lse_grads(ctx, grad, backward):
+    """The autograd formula of ``contrastive_lse``, with ``backward`` computing ``dZ`` (the
+    ``contrastive_lse_backward`` op, or its CPU implementation on the eager CPU lane)."""
     za, zb, pos, row_cluster, col_cluster, lse = ctx.saved_tensors
     half = za.shape[0]
     need_a, need_b, need_pos = ctx.needs_input_grad[:3]
@@ -215,9 +226,7 @@ def _lse_backward(ctx, grad):
     if need_a or need_b:
         # the teacher half is skipped when it does not need a gradient (the usual distillation)
         rows = 2 * half if need_b else half
-        gz = contrastive_lse_backward(
-            grad, za, zb, lse, row_cluster, col_cluster, ctx.inv_tau, rows
-        )
+        gz = backward(grad, za, zb, lse, row_cluster, col_cluster, ctx.inv_tau, rows)
         if need_a:
             ga = gz[:half].to(za.dtype)
         if need_b:
@@ -230,6 +239,48 @@ def _lse_backward(ctx, grad):
 
 
 contrastive_lse.register_autograd(_lse_backward, setup_context=_lse_setup)
+
+
+class _EagerCPUContrastiveLse(torch.autograd.Function):
+    """``fasthash::contrastive_lse`` on the eager CPU lane: the op's CPU implementation and its
+    autograd formula (the same functions, so the same numbers), without the dispatcher's
+    Python layers around a custom op (schema defaults, alias checks, the generated autograd
+    Function, a second op call in the backward): about 0.2 ms per forward + backward, which is
+    most of a small batch's cost (bench/loss_overhead.py)."""
+
+    @staticmethod
+    def forward(ctx, za, zb, pos, row_cluster, col_cluster, inv_tau):
+        lse = blocked.contrastive_lse_cpu(za, zb, pos, row_cluster, col_cluster, inv_tau)
+        _lse_setup(ctx, (za, zb, pos, row_cluster, col_cluster, inv_tau), lse)
+        return lse
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _lse_grads(ctx, grad, blocked.contrastive_lse_backward_cpu)
+
+
+def _eager_cpu(*ts: Tensor) -> bool:
+    """Whether a call may take the eager CPU lane: plain CPU tensors, no tracing (torch.compile,
+    make_fx, fake tensors) and no functorch transform, which need the registered op."""
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return False
+    return all(type(t) is Tensor and t.device.type == "cpu" for t in ts)
+
+
+def contrastive_lse_auto(
+    za: Tensor,
+    zb: Tensor,
+    pos: Tensor,
+    row_cluster: Tensor | None,
+    col_cluster: Tensor | None,
+    inv_tau: float,
+) -> Tensor:
+    """:func:`contrastive_lse` as the losses call it: the eager CPU lane
+    (:class:`_EagerCPUContrastiveLse`) for plain CPU tensors, else the registered op (CUDA,
+    torch.compile, tensor subclasses and transforms)."""
+    if _eager_cpu(za, zb, pos):
+        return _EagerCPUContrastiveLse.apply(za, zb, pos, row_cluster, col_cluster, inv_tau)
+    return contrastive_lse(za, zb, pos, row_cluster, col_cluster, inv_tau)
 
 
 # --------------------------------------------------------------------------- row subsets
