@@ -319,6 +319,10 @@ def _verdict_sentence(student: str, paired: dict) -> str | None:
             f"loses {counts['loss']} of {len(cols)} columns ({parts}).")
 
 
+# ISD differences below this (0.5% of the bits) are read as "about as close" to the teacher
+_ISD_SAME = 0.005
+
+
 def _alignment_sentence(bits: str, diag: dict, baselines: list[str], lost: bool) -> str | None:
     isd, nra = diag.get("isd") or {}, diag.get("nra") or {}
     said = []
@@ -330,18 +334,22 @@ def _alignment_sentence(bits: str, diag: dict, baselines: list[str], lost: bool)
             facts.append(f"NRA@100 {nra['brcd']['100']:.3f} vs {nra[base]['100']:.3f}")
         if "brcd" in isd and base in isd:
             d = isd["brcd"] - isd[base]
-            where = "closer to" if d < 0 else "farther from" if d > 0 else "as close to"
-            facts.append(f"so BRCD's codes are {where} the teacher's than those of {_label(base)}")
+            where = ("closer to the teacher's than" if d < -_ISD_SAME else
+                     "farther from the teacher's than" if d > _ISD_SAME else
+                     "about as close to the teacher's as")
+            facts.append(f"so BRCD's codes are {where} those of {_label(base)}")
         if facts:
             said.append(f"BRCD vs {_label(base)}: " + ", ".join(facts))
     if not said:
         return None
     text = (f"Alignment at {bits} bits (seed 0; ISD 0 = identical to the teacher, NRA@100 1 = "
             "the same 100 neighbours): " + "; ".join(said) + ".")
-    if lost and "brcd" in isd and all(b in isd and isd["brcd"] <= isd[b] for b in baselines):
+    if lost and "brcd" in isd and all(b in isd and isd["brcd"] <= isd[b] + _ISD_SAME
+                                      for b in baselines):
         text += (" BRCD is at least as close to the teacher as the best baseline, yet that does "
                  "not turn into a mAP win.")
-    elif lost and "brcd" in isd and any(b in isd and isd["brcd"] > isd[b] for b in baselines):
+    elif lost and "brcd" in isd and any(b in isd and isd["brcd"] > isd[b] + _ISD_SAME
+                                        for b in baselines):
         text += " BRCD imitates the teacher less closely than the best baseline does."
     return text
 

@@ -300,3 +300,11 @@ def test_false_negative_removals_takes_tensors():
     views = torch.tensor([[0, 0], [1, 1], [1, 1], [1, 1]])
     r = analysis.false_negative_removals(torch.tensor([0, 0, 1, 1]), views, 4, 2)
     assert r["per_row"] == pytest.approx(2.25)
+
+
+def test_alignment_within_display_precision_is_about_as_close():
+    m = _new_metrics()
+    m["diagnosis"]["paper-student"]["32"]["isd"] = {"kd-codes": 0.1519, "brcd": 0.1523}
+    para = [p for p in analysis.diagnosis_text(m) if p.startswith("paper-student")][0]
+    assert "about as close to the teacher's as those of KD codes" in para
+    assert "less closely" not in para
