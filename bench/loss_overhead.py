@@ -27,9 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -39,6 +37,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from benchenv import environment  # noqa: E402
 
 import fasthash  # noqa: E402
 from fasthash import reference  # noqa: E402
@@ -51,23 +51,7 @@ CLUSTERS = 10
 
 def _env() -> dict:
     """Where the numbers come from: backend, CPU, commit, versions, load."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                                capture_output=True, text=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                                    cwd=ROOT, capture_output=True, text=True).stdout.strip())
-    except OSError:
-        commit, dirty = "", False
-    cpu = ""
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in
-                   Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"backend": fasthash.backend_info(), "cpu": cpu, "cores": os.cpu_count(),
-            "commit": commit, "worktree_dirty": dirty, "python": platform.python_version(),
-            "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "argv": sys.argv[1:], "loadavg_at_start": os.getloadavg()}
+    return environment(threads=torch.get_num_threads())
 
 
 def _inputs(bsz: int, length: int, seed: int = 0) -> dict:

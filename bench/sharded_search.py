@@ -25,9 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,25 +36,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchenv import environment  # noqa: E402
+
 
 def _env(ray) -> dict:
-    import fasthash
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                                capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = ""
-    cpu = ""
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in
-                   Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"backend": fasthash.backend_info(), "cpu": cpu, "cores": os.cpu_count(),
-            "commit": commit, "python": platform.python_version(), "ray": ray.__version__,
-            "cluster_resources": ray.cluster_resources(), "nodes": len(ray.nodes()),
-            "loadavg_at_start": os.getloadavg()}
+    return environment(ray=ray.__version__, cluster_resources=ray.cluster_resources(),
+                       nodes=len(ray.nodes()))
 
 
 def _gallery(n: int, bits: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -39,9 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -53,6 +51,8 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from benchenv import environment  # noqa: E402
 
 import fasthash  # noqa: E402
 from brcd import data as D  # noqa: E402
@@ -69,24 +69,7 @@ PAPER = {"name": "tf_efficientnet_lite0", "pretrained": True, "freeze_backbone":
 
 # ---- environment ------------------------------------------------------------------------------
 def _env() -> dict:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                                capture_output=True, text=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                                    cwd=ROOT, capture_output=True, text=True).stdout.strip())
-    except OSError:
-        commit, dirty = "", False
-    cpu = ""
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in
-                   Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"backend": fasthash.backend_info(), "cpu": cpu, "cores": os.cpu_count(),
-            "cpu_has_bf16": cpu_has_bf16(), "commit": commit, "worktree_dirty": dirty,
-            "python": platform.python_version(), "torch": torch.__version__,
-            "argv": sys.argv[1:], "loadavg_at_start": os.getloadavg(),
-            "free_cores_at_start": round(free_cores(), 2)}
+    return environment(cpu_has_bf16=cpu_has_bf16(), free_cores_at_start=round(free_cores(), 2))
 
 
 def _median_ms(times: list[float]) -> float:
