@@ -30,7 +30,7 @@ from ..losses import ABLATIONS
 from ..models import count_parameters
 from .context import make_context
 from .encode import build_model, encode_views, load_model
-from .evaluate import score_runs
+from .evaluate import retrieval_map, score_runs
 from .masks import MasksInput, mask_stats
 from .speed import encode_speed
 from .students import StudentJob
@@ -192,11 +192,19 @@ def score_suite(suite: Suite, results: list[dict], t_codes: dict[int, dict[str, 
         out["map_paper_student"] = scored["paper-student"]["map"]
         out["details_paper_student"] = scored["paper-student"]["details"]
         ab, mb = _pick(results, "paper-student", None), suite.main_bits
-        if suite.ablation and ab:
-            variants = [v for v in ABLATIONS if any(r["job"]["method"] == v for r in ab)]
-            abl = score_runs(ab, {mb: t_codes[mb]}, methods=variants,
-                             **{**kw, "log": lambda _m: None})
-            out["ablation"] = {str(mb): abl["map"][str(mb)]}
+        if suite.ablation and ab:  # mAP@K only: the ablation table reads nothing else
+            table: dict[str, dict[str, list[float]]] = {
+                v: {"sshp": [], "ashp": []} for v in ABLATIONS
+                if any(r["job"]["method"] == v for r in ab)}
+            for r in ab:
+                col = table[r["job"]["method"]]
+                col["sshp"].append(retrieval_map(r["sshp_query"].float(),
+                                                 r["sshp_database"].float(), query_labels,
+                                                 db_labels, topk=topk))
+                col["ashp"].append(retrieval_map(r["ashp_query"].float(),
+                                                 t_codes[mb]["database"], query_labels,
+                                                 db_labels, topk=topk))
+            out["ablation"] = {str(mb): table}
             out["ablation_paired"] = analysis.ablation_paired(out["ablation"])
     out["paired"] = {st: analysis.paired_table(scored[st]["map"], suite.methods)
                      for st in suite.students}
