@@ -102,8 +102,12 @@ def _header(m: dict) -> list[str]:
         f"Teacher: frozen ImageNet EfficientNet-Lite2 at 64 px + MLP head, trained "
         f"{o['teacher_epochs']} epochs without labels on {o['views']} cached views per image. "
         f"Student: tiny-cnn ({m['student_params'] / 1e6:.2f}M parameters) at 28 px, "
-        f"{o['student_epochs']} epochs on the same views{sym}. Checkpoints selected on the "
-        "validation split (validation queries vs training images), never on the test queries.",
+        f"{o['student_epochs']} epochs on the same views{sym}"
+        + (f"; paper student: frozen ImageNet Lite0 at {o['paper_size']} px + MLP head, "
+           f"{o['paper_epochs']} epochs of the head on cached features of those views"
+           if "paper_epochs" in o and "paper-student" in o.get("students", []) else "")
+        + ". Checkpoints selected on the validation split (validation queries vs training "
+        "images), never on the test queries.",
         "",
     ]
     return lines + ([f"> {m['note']}", ""] if m.get("note") else [])
@@ -129,8 +133,8 @@ def _map_table(m: dict, key: str) -> list[str]:
 def _retrieval(m: dict) -> list[str]:
     lines = [f"## Retrieval: mAP@{m['topk']} on the test queries", "",
              "SSHP: student queries and database. ASHP: student queries, teacher database. "
-             f"At {m['main_bits']} bits: mean ± std over {m['seeds']} student seed(s); other "
-             "lengths one seed. Ranking by Hamming distance, ties by database index.", ""]
+             f"Mean ± std over {m['seeds']} paired student seed(s) (one value: one seed). "
+             "Ranking by Hamming distance, ties by database index.", ""]
     for student, key in analysis.STUDENT_MAPS.items():
         if analysis.student_map(m, student):
             lines += [f"### Student {_student_label(m, student)}", ""] + _map_table(m, key) + [""]
