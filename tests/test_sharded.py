@@ -273,8 +273,8 @@ def _pid_after_kill(actor, old_pid: int) -> int | None:
     """The actor's pid once ``ray.kill`` (asynchronous) took effect: a new pid after a restart,
     None when it is dead for good."""
     for _ in range(300):
-        try:
-            pid = ray.get(actor.pid.remote(), timeout=60)
+        try:  # a restart imports torch again: minutes on a saturated 2-core machine
+            pid = ray.get(actor.pid.remote(), timeout=300)
         except ray.exceptions.RayActorError:
             return None
         if pid != old_pid:
