@@ -249,19 +249,23 @@ def compute_cluster_masks(codes, train_indices, n_clusters: int = 10, *, delta: 
     )
 
 
-def cluster_stats(masks: ClusterMasks, view_codes: torch.Tensor) -> dict:
+def cluster_stats(masks: ClusterMasks, view_codes: torch.Tensor,
+                  view_clusters: torch.Tensor | None = None) -> dict:
     """Cluster sizes, bits kept per cluster and the share of offset-positive views.
 
     Args:
         masks: the clusters and masks. view_codes: the teacher's UNMASKED ±1 codes of V
             augmented views of each training image ``[N, V, L]`` (training-split order).
+        view_clusters: their nearest centroids ``[N, V]`` when the caller has them already
+            (:func:`assign_clusters` of ``view_codes``).
 
     Returns:
         ``{"n_clusters", "bits_kept", "cluster_sizes", "offset_share", "mask_table"}``: a view
         is an offset positive when its nearest centroid is not its image's cluster.
     """
     n, v, length = view_codes.shape
-    hat = assign_clusters(view_codes.reshape(n * v, length).float(), masks.centroids).reshape(n, v)
+    hat = view_clusters if view_clusters is not None else assign_clusters(
+        view_codes.reshape(n * v, length).float(), masks.centroids).reshape(n, v)
     share = float((hat != masks.train_cluster_ids[:, None]).float().mean())
     return {"n_clusters": masks.n_clusters,
             "bits_kept": masks.mask_table.sum(1).long().tolist(),

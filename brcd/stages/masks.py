@@ -121,9 +121,9 @@ def mask_stats(inp: MasksInput, ctx: Context, batch_size: int | None = None) -> 
     n, v, _ = cache.feats.shape
     codes = head_codes(model, cache.feats.flatten(0, 1), ctx.device).reshape(n, v, -1)
     masks = ClusterMasks.from_dict(ckpt["masks"])
-    stats = cluster_stats(masks, codes)
+    hat = assign_clusters(codes.flatten(0, 1).float(), masks.centroids).reshape(n, v)
+    stats = cluster_stats(masks, codes, hat)
     if batch_size:  # what the false-negative rule removes in batches of the distill schedule
-        hat = assign_clusters(codes.flatten(0, 1).float(), masks.centroids).reshape(n, v)
         fn = false_negative_removals(masks.train_cluster_ids, hat, batch_size=batch_size,
                                      n_batches=200, seed=ctx.seed)
         stats.update({"fn_removed_per_row": fn["per_row"], "fn_removed_share": fn["share"]})

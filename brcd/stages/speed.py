@@ -112,9 +112,14 @@ def search_speed(db_words: np.ndarray, q_words: np.ndarray, *, bits: int, topk: 
 
 def speed_report(teacher: str | Path, student: ModelConfig, teacher_codes: dict[str, torch.Tensor],
                  *, batches: list[int], topk: int, gallery: int, use_faiss: bool,
-                 log: Callable[[str], None]) -> tuple[dict[str, Any], int, int]:
+                 log: Callable[[str], None], encode: dict[str, Any] | None = None
+                 ) -> tuple[dict[str, Any], int, int]:
     """Encode speed of a teacher checkpoint against a fresh ``student`` model of the same code
     length, and search speed on the teacher's ``query`` / ``database`` codes.
+
+    Args:
+        encode: an :func:`encode_speed` result of this teacher and student measured already
+            (e.g. by :func:`brcd.stages.suite.student_speed`): reported, not timed again.
 
     Returns:
         ``({"encode": ..., "search": ...}, student parameters, teacher parameters)``.
@@ -124,11 +129,13 @@ def speed_report(teacher: str | Path, student: ModelConfig, teacher_codes: dict[
 
     tmodel, spec = load_model(teacher)
     smodel = create_model(student.name, spec["bits"], head=student.head, hidden=student.hidden)
-    enc = encode_speed(tmodel.to(memory_format=torch.channels_last),
-                       smodel.to(memory_format=torch.channels_last), t_size=spec["image_size"],
-                       s_size=student.image_size, batches=batches)
-    log("encode: student speed-up over teacher " + ", ".join(
-        f"{enc[f'speedup_bs{bs}']}x at batch {bs}" for bs in batches))
+    enc = encode
+    if enc is None:
+        enc = encode_speed(tmodel.to(memory_format=torch.channels_last),
+                           smodel.to(memory_format=torch.channels_last),
+                           t_size=spec["image_size"], s_size=student.image_size, batches=batches)
+        log("encode: student speed-up over teacher " + ", ".join(
+            f"{enc[f'speedup_bs{bs}']}x at batch {bs}" for bs in batches))
     search = search_speed(as_packed(teacher_codes["database"])[0],
                           as_packed(teacher_codes["query"])[0], bits=spec["bits"], topk=topk,
                           gallery=gallery, use_faiss=use_faiss, log=log)
