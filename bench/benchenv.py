@@ -1,5 +1,6 @@
-"""Where a benchmark's numbers come from: one record shared by the bench/ scripts (backend,
-CPU model, cores, commit, versions, load), so that only ratios measured in one run are read."""
+"""What the bench/ scripts share: where a benchmark's numbers come from (backend, CPU model,
+cores, commit, versions, load), so that only ratios measured in one run are read, and the
+best-of-N timer."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import os
 import platform
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,3 +52,13 @@ def environment(**extra: Any) -> dict[str, Any]:
             "worktree_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
             "python": platform.python_version(), "torch": torch.__version__,
             "argv": sys.argv[1:], "loadavg_at_start": os.getloadavg(), **extra}
+
+
+def best_time(fn: Callable[[], Any], reps: int) -> tuple[float, Any]:
+    """The best wall time of ``reps`` calls of ``fn``, and the last call's result."""
+    best, out = float("inf"), None
+    for _ in range(reps):
+        t = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t)
+    return best, out

@@ -38,6 +38,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchenv import best_time  # noqa: E402
+
 import fasthash  # noqa: E402
 from fasthash.mih import MIHIndex  # noqa: E402
 
@@ -63,15 +65,6 @@ def clustered(rng, n, bits, clusters, rate, centroids=None, chunk=1 << 20):
     return out, centroids
 
 
-def timed(fn, repeat):
-    best, out = float("inf"), None
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
-
-
 def faiss_multihash(x, bits, m, nflip, threads):
     import faiss
 
@@ -88,12 +81,12 @@ def faiss_multihash(x, bits, m, nflip, threads):
 
 def run_topk(rec, args, index, q, x, fx, k):
     """One k: scan, mih, auto (and FAISS) interleaved; results checked equal."""
-    ts, (rd, ri) = timed(lambda: fasthash.hamming_topk(q, x, k, num_threads=args.threads),
-                         args.repeat)
-    tm, (md, mi) = timed(lambda: index.search(q, k, method="mih", num_threads=args.threads),
-                         args.repeat)
-    ta, (ad, ai) = timed(lambda: index.search(q, k, method="auto", num_threads=args.threads),
-                         args.repeat)
+    ts, (rd, ri) = best_time(lambda: fasthash.hamming_topk(q, x, k, num_threads=args.threads),
+                             args.repeat)
+    tm, (md, mi) = best_time(lambda: index.search(q, k, method="mih", num_threads=args.threads),
+                             args.repeat)
+    ta, (ad, ai) = best_time(lambda: index.search(q, k, method="auto", num_threads=args.threads),
+                             args.repeat)
     for d, i in ((md, mi), (ad, ai)):
         if not (np.array_equal(d, rd) and np.array_equal(i, ri)):
             raise SystemExit(f"MIH result differs from the scan at k={k}: {rec}")
@@ -102,18 +95,18 @@ def run_topk(rec, args, index, q, x, fx, k):
     if fx is not None:
         from fasthash.codes import to_faiss_bytes
 
-        tf, (fd, _) = timed(lambda: fx.search(to_faiss_bytes(q, rec["bits"]), k), 1)
+        tf, (fd, _) = best_time(lambda: fx.search(to_faiss_bytes(q, rec["bits"]), k), 1)
         row.update(faiss_s=tf, faiss_recall=float(np.mean(fd == rd)), faiss_vs_mih=tf / tm)
     return row
 
 
 def run_radius(rec, args, index, q, x, fx, r):
-    ts, want = timed(lambda: fasthash.hamming_radius(q, x, r, num_threads=args.threads),
-                     args.repeat)
-    tm, got = timed(lambda: index.range_search(q, r, method="mih", num_threads=args.threads),
-                    args.repeat)
-    ta, got_a = timed(lambda: index.range_search(q, r, method="auto", num_threads=args.threads),
-                      args.repeat)
+    ts, want = best_time(lambda: fasthash.hamming_radius(q, x, r, num_threads=args.threads),
+                         args.repeat)
+    tm, got = best_time(lambda: index.range_search(q, r, method="mih", num_threads=args.threads),
+                        args.repeat)
+    ta, got_a = best_time(lambda: index.range_search(q, r, method="auto", num_threads=args.threads),
+                          args.repeat)
     for g in (got, got_a):
         if not all(np.array_equal(a, b) for a, b in zip(g, want, strict=True)):
             raise SystemExit(f"MIH radius result differs from the scan at r={r}: {rec}")
@@ -122,7 +115,7 @@ def run_radius(rec, args, index, q, x, fx, r):
     if fx is not None:
         from fasthash.codes import to_faiss_bytes
 
-        tf, (lims, _, _) = timed(lambda: fx.range_search(to_faiss_bytes(q, rec["bits"]), r), 1)
+        tf, (lims, _, _) = best_time(lambda: fx.range_search(to_faiss_bytes(q, rec["bits"]), r), 1)
         row.update(faiss_s=tf, faiss_recall=float(lims[-1] / max(1, want[0][-1])),
                    faiss_vs_mih=tf / tm)
     return row

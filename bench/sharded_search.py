@@ -36,7 +36,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchenv import environment  # noqa: E402
+from benchenv import best_time, environment  # noqa: E402
 
 
 def _env(ray) -> dict:
@@ -62,16 +62,6 @@ def _queries(x: np.ndarray, bits: int, q: int, rng) -> np.ndarray:
         bit = rng.integers(0, bits, q)
         out[np.arange(q), bit // 64] ^= np.uint64(1) << (bit % 64).astype(np.uint64)
     return out
-
-
-def _time(fn, reps: int) -> tuple[float, object]:
-    """Best wall time of ``reps`` calls, and the last result."""
-    best, out = float("inf"), None
-    for _ in range(reps):
-        t = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t)
-    return best, out
 
 
 def _latency(fn, q: np.ndarray, size: int, reps: int) -> dict:
@@ -115,9 +105,9 @@ def run(args, ray) -> dict:
             # local and sharded alternate rep by rep, so both see the same machine load
             loc_times, shard_times = [], []
             for _ in range(args.reps):
-                t, (d0, i0) = _time(local_fn[k], 1)
+                t, (d0, i0) = best_time(local_fn[k], 1)
                 loc_times.append(t)
-                t, (d1, i1) = _time(lambda k=k, ix=index: ix.search(q, k), 1)
+                t, (d1, i1) = best_time(lambda k=k, ix=index: ix.search(q, k), 1)
                 shard_times.append(t)
             t_local, t_shard = min(loc_times), min(shard_times)
             exact = bool(np.array_equal(d0, d1) and np.array_equal(i0, i1))
