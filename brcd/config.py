@@ -100,6 +100,9 @@ class TrainConfig:
     # applies to the view-cache feature extraction
     channels_last: bool = False
     keep_epochs: bool = False  # also keep <tag>_epoch<N>.pt for every epoch (else only last/best)
+    # epochs between <tag>_last.pt checkpoints, 0 = the final epoch only (which always writes
+    # one); the metrics log is written with them, so a resume re-runs the epochs the log lacks
+    save_every: int = 1
 
 
 @dataclass
@@ -245,6 +248,7 @@ _STAGE_RANGES = {
     "train.lr": _Range(float, 0, lo_open=True), "train.weight_decay": _Range(float, 0),
     "train.grad_clip": _Range(float, 0, lo_open=True, nullable=True),
     "train.eval_every": _Range(int, 0), "train.steps_per_epoch": _Range(int, 1, nullable=True),
+    "train.save_every": _Range(int, 0),
 }
 # every numeric key with the values a run can use (checked before anything runs, so a bad
 # value fails with one line naming the key instead of deep inside a stage)

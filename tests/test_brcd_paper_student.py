@@ -12,7 +12,7 @@ from brcd import data as D
 from brcd import stages, task
 from brcd.config import load_config
 from brcd.files import load_file
-from brcd.models import create_model
+from brcd.models import create_model, pair_forward
 from brcd.stages import views as V
 from brcd.trainer import load_checkpoint
 
@@ -123,3 +123,25 @@ def test_feature_bank_needs_a_frozen_backbone(tmp_path):
     with pytest.raises(ValueError, match="freeze_backbone"):
         V.student_feature_bank(ctx, None, tmp_path / "views_x.pt", model=model,
                                model_cfg=cfg.student.model, extract=cfg.student.train)
+
+
+def test_pair_forward_equals_two_head_calls():
+    torch.manual_seed(0)
+    model = create_model("tiny-cnn", 12, head="mlp", hidden=20)
+    f1, f2 = torch.randn(5, 128), torch.randn(3, 128)  # odd, unequal row counts
+    w = torch.randn(8, 12)
+
+    def run(outs):
+        model.zero_grad()
+        loss = (torch.cat([o.probs for o in outs]) * w).sum() + sum(
+            (o.logits ** 2).mean() + o.codes.sum() for o in outs)
+        loss.backward()
+        return outs, {k: p.grad.clone() for k, p in model.head.named_parameters()}
+
+    (a1, a2), ga = run([model.head_forward(f1), model.head_forward(f2)])
+    (b1, b2), gb = run(list(pair_forward(model.head_forward, f1, f2)))
+    for a, b in ((a1, b1), (a2, b2)):
+        for f in ("logits", "probs", "codes"):
+            assert torch.allclose(getattr(a, f), getattr(b, f), atol=1e-6)
+    assert b1.codes.shape == (5, 12) and b2.codes.shape == (3, 12)
+    assert all(torch.allclose(ga[k], gb[k], rtol=1e-5, atol=1e-6) for k in ga)

@@ -222,3 +222,49 @@ def test_cached_views_student_sees_the_views_the_teacher_coded(tmp_path):
         full = teacher(D.prepare_batch(cache["views"][idx, v1], 16)).codes
         cached = teacher.head_forward(cache["feats"][idx, v1].float()).codes
     assert (full == cached).float().mean() > 0.98  # float16 feature storage may flip a bit
+
+
+def _toy_trainer(out, save_every, fail_at=None):
+    """A 3-epoch Trainer on a linear model; ``fail_at``: the global step that raises."""
+    from brcd.config import TrainConfig
+    from brcd.trainer import Trainer
+
+    seed_everything(0)
+    model = torch.nn.Linear(5, 3)
+    x = torch.randn(4, 6, 5)  # 4 steps per epoch of 6 rows
+    seen = []
+
+    def step(batch):
+        seen.append(1)
+        if fail_at is not None and len(seen) == fail_at:
+            raise KeyboardInterrupt  # the run is killed mid-epoch
+        return (model(batch) ** 2).mean(), {}
+
+    cfg = TrainConfig(epochs=3, eval_every=0, save_every=save_every, cosine=True)
+    return Trainer(model, cfg, device=torch.device("cpu"), out_dir=out, tag="toy", step_fn=step,
+                   batches=lambda e: iter(x), steps_per_epoch=4, batch_images=6,
+                   validate=None, progress=False, extra={"kind": "teacher", "bits": 3, "spec": {
+                       k: 0 for k in ("name", "bits", "head", "hidden", "freeze_backbone",
+                                      "image_size")}})
+
+
+def test_save_every_writes_last_and_log_together_and_resumes_exactly(tmp_path):
+    ref = _toy_trainer(tmp_path / "ref", 2)
+    ref.fit()
+    assert load_checkpoint(tmp_path / "ref" / "toy_last.pt")["epoch"] == 2
+    assert [r["epoch"] for r in _records(tmp_path / "ref" / "toy_metrics.jsonl")] == [0, 1, 2]
+    cut = _toy_trainer(tmp_path / "cut", 2, fail_at=4 * 2 + 2)  # killed in the third epoch
+    with pytest.raises(KeyboardInterrupt):
+        cut.fit()
+    # the last checkpoint is epoch 1's (epoch 0 wrote none) and the log holds exactly its epochs
+    assert load_checkpoint(tmp_path / "cut" / "toy_last.pt")["epoch"] == 1
+    assert [r["epoch"] for r in _records(tmp_path / "cut" / "toy_metrics.jsonl")] == [0, 1]
+    again = _toy_trainer(tmp_path / "cut", 2)
+    again.resume(tmp_path / "cut" / "toy_last.pt")
+    again.fit()
+    a = load_checkpoint(tmp_path / "ref" / "toy_last.pt")["model"]
+    b = load_checkpoint(tmp_path / "cut" / "toy_last.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["epoch"] for r in _records(tmp_path / "cut" / "toy_metrics.jsonl")] == [0, 1, 2]
+    with pytest.raises(ValueError, match="save_every"):
+        _cfg(tmp_path, **{"student.train.save_every": -1})

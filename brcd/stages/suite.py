@@ -133,7 +133,7 @@ def paper_features(suite: Suite, base: Config, splits, views: dict[str, torch.Te
     student_feature_bank(ctx, cache, cache_path(ctx, tm, nv), model=model,
                          model_cfg=cfg.student.model, extract=cfg.student.train)
     size = cfg.student.model.image_size
-    feats = {k: encode_views(model, v, size, batch=256, features=True).half()
+    feats = {k: encode_views(model, v, size, features=True).half()
              for k, v in views.items()}
     return save_file(feats, work / f"eval_feats_{cfg.student.model.name}_{size}.pt")
 

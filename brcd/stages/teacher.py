@@ -12,6 +12,7 @@ from .. import data as D
 from ..config import Config, ModelConfig, StageConfig
 from ..dist import check_divisible, sync_batchnorm
 from ..losses import cibhash_loss
+from ..models import pair_forward
 from ..trainer import Trainer, seed_everything
 from . import views as V
 from .context import Context, OwnLoss
@@ -90,7 +91,8 @@ def train_teacher(inp: TeacherInput, ctx: Context) -> TeacherResult:
 
         def step(batch):
             f1, f2 = (b.to(device).float() for b in batch)
-            return cibhash_loss(head(f1), head(f2), own.temperature, own.kl_weight, group)
+            return cibhash_loss(*pair_forward(head, f1, f2), own.temperature, own.kl_weight,
+                                group)
     else:
         base = D.base_images(splits.train, ctx.data.view_size, ctx.data.num_workers)
         fwd = d.wrap(model)

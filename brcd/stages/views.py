@@ -37,6 +37,7 @@ from ..dist import Dist
 from ..files import load_file, save_file
 from ..models import HashModel
 from .context import Context
+from .encode import FEATURE_BATCH
 
 __all__ = ["ViewCache", "view_cache", "cache_path", "FeatureBank", "student_feature_bank",
            "pair_views", "index_batches", "fresh_batches"]
@@ -78,8 +79,8 @@ def _load(path: Path, ctx: Context) -> ViewCache:
 def _features(model: HashModel, x: torch.Tensor, *, size: int, ctx: Context,
               channels_last: bool, bar) -> torch.Tensor:
     out = []
-    for i in range(0, len(x), 256):
-        xb = D.prepare_batch(x[i:i + 256], size, ctx.device, channels_last)
+    for i in range(0, len(x), FEATURE_BATCH):
+        xb = D.prepare_batch(x[i:i + FEATURE_BATCH], size, ctx.device, channels_last)
         out.append(model.features(xb).to(torch.float16).cpu())
         bar.update(len(xb))
     return torch.cat(out)
