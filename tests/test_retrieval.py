@@ -297,3 +297,23 @@ def test_packed_words_with_bits_beyond_L_are_refused(which):
     assert evaluate(q, db, np.array([0, 1]), np.array([0, 1, 0, 1]), topk=2, bits=13).bits == 13
     with pytest.raises(ValueError, match="bits set beyond bits=13"):
         isd(bad, bad, bits=13)
+
+
+@pytest.mark.parametrize("bits,nq,n,k,multi", [
+    (32, 211, 3001, 1000, False), (3, 37, 101, 50, False), (5, 20, 33, 40, True),
+    (65, 90, 777, 100, True)])
+def test_map_at_k_equals_the_streaming_evaluate(bits, nq, n, k, multi):
+    """The top-K path (few bits: many ties, broken by index) gives evaluate's mAP@K exactly."""
+    from brcd.retrieval import map_at_k
+
+    rng = np.random.default_rng(bits + nq)
+    q, db = np.sign(rng.standard_normal((nq, bits))), np.sign(rng.standard_normal((n, bits)))
+    if multi:
+        ql, dl = (rng.random((nq, 4)) < 0.3).astype(int), (rng.random((n, 4)) < 0.3).astype(int)
+    else:
+        ql, dl = rng.integers(0, 10, nq), rng.integers(0, 10, n)
+    want = evaluate(q, db, ql, dl, topk=k, map_all=False).map_at_k
+    assert map_at_k(q, db, ql, dl, topk=k, block_entries=4 * min(k, n)) == want
+    assert map_at_k(q, db, ql, dl, topk=k) == want
+    with pytest.raises(ValueError, match="db_codes must have L"):
+        map_at_k(q, db[:, :-1], ql, dl, topk=k)

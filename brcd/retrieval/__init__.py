@@ -10,7 +10,7 @@ Example:
     1.0
 """
 
-from .evaluate import RetrievalMetrics, evaluate, isd, nra
+from .evaluate import RetrievalMetrics, evaluate, isd, map_at_k, nra
 from .index import as_packed
 
-__all__ = ["RetrievalMetrics", "evaluate", "isd", "nra", "as_packed"]
+__all__ = ["RetrievalMetrics", "evaluate", "map_at_k", "isd", "nra", "as_packed"]

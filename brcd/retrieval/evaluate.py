@@ -13,11 +13,13 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from . import metrics as M
-from .index import as_packed, block_distances, iter_query_blocks, stable_order, topk
+from .index import as_packed, block_distances, iter_query_blocks, stable_order
+from .index import topk as topk_search
 
 __all__ = [
     "RetrievalMetrics",
     "evaluate",
+    "map_at_k",
     "isd",
     "nra",
 ]
@@ -54,6 +56,50 @@ class RetrievalMetrics:
         d.pop("ap_at_k")
         d["precision_at"] = {int(k): float(v) for k, v in self.precision_at.items()}
         return d
+
+
+def _inputs(query_codes, db_codes, query_labels, db_labels, topk, bits):
+    """Checked packed words, code length, labels and K (clipped to N) of an evaluation."""
+    qw, lq = as_packed(query_codes, bits, "query_codes")
+    dw, ld = as_packed(db_codes, bits, "db_codes")
+    if lq != ld:
+        raise ValueError(f"db_codes must have L = {lq} bits like query_codes, got {ld}")
+    nq, n = qw.shape[0], dw.shape[0]
+    if nq < 1 or n < 1:
+        raise ValueError(f"need at least one query and one database code, got Q={nq}, N={n}")
+    ql = M.check_labels(query_labels, nq, "query_labels")
+    dl = M.check_labels(db_labels, n, "db_labels")
+    if ql.ndim != dl.ndim:
+        raise ValueError("query_labels and db_labels must both be single-label or both multi-hot")
+    return qw, dw, lq, ql, dl, min(M._check_k(topk), n)
+
+
+def map_at_k(query_codes, db_codes, query_labels, db_labels, topk: int = 1000, *,
+             bits: int | None = None, block_entries: int = 1 << 22) -> float:
+    """mAP@K alone, from the exact top K of each query (``fasthash.hamming_topk``, ties by
+    database index): the ``map_at_k`` of :func:`evaluate` without ranking the whole database
+    (7x faster at 1,000 x 14,000 32-bit codes, the same number).
+
+    Args:
+        see :func:`evaluate` (``topk`` is clipped to N).
+
+    Returns:
+        mAP@K over all queries.
+
+    Example:
+        >>> q = np.array([[1., 1.]]); db = np.array([[1., 1.], [-1., -1.]])
+        >>> map_at_k(q, db, np.array([0]), np.array([0, 1]), topk=2)
+        1.0
+    """
+    qw, dw, _, ql, dl, k = _inputs(query_codes, db_codes, query_labels, db_labels, topk, bits)
+    ap = np.empty(len(qw))
+    step = max(1, block_entries // k)
+    for lo in range(0, len(qw), step):
+        _, idx = topk_search(qw[lo:lo + step], dw, k)
+        q = ql[lo:lo + step, None]
+        rel = q == dl[idx] if ql.ndim == 1 else ((q * dl[idx]).sum(-1) > 0)
+        ap[lo:lo + step] = M.average_precision(rel, k)
+    return float(ap.mean())
 
 
 def evaluate(
@@ -95,18 +141,8 @@ def evaluate(
         >>> evaluate(q, db, np.array([0]), np.array([0, 1]), topk=2).map_at_k
         1.0
     """
-    qw, lq = as_packed(query_codes, bits, "query_codes")
-    dw, ld = as_packed(db_codes, bits, "db_codes")
-    if lq != ld:
-        raise ValueError(f"db_codes must have L = {lq} bits like query_codes, got {ld}")
+    qw, dw, lq, ql, dl, k = _inputs(query_codes, db_codes, query_labels, db_labels, topk, bits)
     nq, n = qw.shape[0], dw.shape[0]
-    if nq < 1 or n < 1:
-        raise ValueError(f"need at least one query and one database code, got Q={nq}, N={n}")
-    ql = M.check_labels(query_labels, nq, "query_labels")
-    dl = M.check_labels(db_labels, n, "db_labels")
-    if ql.ndim != dl.ndim:
-        raise ValueError("query_labels and db_labels must both be single-label or both multi-hot")
-    k = min(M._check_k(topk), n)
     pk = tuple(sorted({min(M._check_k(x), n) for x in pk}))
     if isinstance(radius, bool) or not isinstance(radius, (int, np.integer)) or radius < 0:
         raise ValueError(f"radius must be a non-negative integer, got {radius!r}")
@@ -219,8 +255,8 @@ def nra(
     out = {int(k): 0.0 for k in ks}
     totals = np.zeros(len(ks_c))
     for lo, hi in iter_query_blocks(sq.shape[0], n):
-        _, i_s = topk(sq[lo:hi], sd, kmax)
-        _, i_t = topk(tq[lo:hi], td, kmax)
+        _, i_s = topk_search(sq[lo:hi], sd, kmax)
+        _, i_t = topk_search(tq[lo:hi], td, kmax)
         for j, k in enumerate(ks_c):
             # Overlap of two index sets per row: mark one set in a boolean row, count the other.
             hit = np.zeros((hi - lo, n), dtype=bool)

@@ -3,7 +3,9 @@ into ±1 codes (or backbone features)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ __all__ = [
     "encode_images",
     "encode_views",
     "FEATURE_BATCH",
+    "map_batches",
     "head_codes",
     "encode",
     "shared_backbone_codes",
@@ -99,21 +102,49 @@ def load_model(ckpt: str | Path | dict, bits: int | None = None) -> tuple[HashMo
 FEATURE_BATCH = 64
 
 
-@torch.no_grad()
+def map_batches(fn: Callable[[torch.Tensor], torch.Tensor], batches: Iterable[torch.Tensor],
+                device: torch.device | None = None) -> list[torch.Tensor]:
+    """``fn`` (a forward pass, under inference mode) of each batch, in order. On a CPU process
+    with several torch threads, one Python thread per torch thread runs whole batches with one
+    intra-op thread each: Lite2 at 64 px, batches of 64, 2 cores: 1.2x the images/s of two
+    intra-op threads on each batch (small convolutions split badly across threads)."""
+    def one(x):
+        with torch.inference_mode():
+            return fn(x)
+
+    threads = torch.get_num_threads()
+    if (device is not None and device.type != "cpu") or threads < 2:
+        return [one(x) for x in batches]
+    torch.set_num_threads(1)
+    out, pending = [], deque()
+    try:
+        with ThreadPoolExecutor(threads) as ex:
+            for x in batches:  # a bounded window: the batches may come from a lazy reader
+                pending.append(ex.submit(one, x))
+                if len(pending) > 2 * threads:
+                    out.append(pending.popleft().result())
+            out += [f.result() for f in pending]
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
 def encode_batches(model: HashModel, batches: Iterable[torch.Tensor], size: int, *,
                    device: torch.device | None = None, features: bool = False,
                    channels_last: bool = False) -> torch.Tensor:
-    """Codes (or backbone features) of uint8 view batches, float32 on the CPU, in eval mode.
+    """Codes (or backbone features) of uint8 view batches, float32 on the CPU, in eval mode
+    (:func:`map_batches`).
 
     Shape:
         batches of ``[B, 3, S, S]`` uint8 -> ``[N, L]`` codes or ``[N, D]`` features.
     """
     was = model.training
     model.eval()
-    out = []
-    for x in batches:
+
+    def fwd(x):
         x = D.prepare_batch(x, size, device, channels_last)
-        out.append((model.features(x) if features else model(x).codes).float().cpu())
+        return (model.features(x) if features else model(x).codes).float().cpu()
+    out = map_batches(fwd, batches, device)
     model.train(was)
     return torch.cat(out)
 

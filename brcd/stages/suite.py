@@ -60,7 +60,7 @@ class Suite:
     main_bits: int
     ablation: bool = True
     paper_size: int = 48
-    paper_epochs: int = 10
+    paper_epochs: int = 6
     symmetric: bool = True
     autocast: str = "none"
 
@@ -71,7 +71,7 @@ class Suite:
         e = self.paper_epochs
         return {**{f"student.model.{k}": v for k, v in PAPER_STUDENT.items()},
                 "student.model.image_size": self.paper_size, "student.train.epochs": e,
-                "student.train.eval_every": max(1, e // 4)}
+                "student.train.eval_every": max(1, e // 3)}
 
     def variants(self, student: str, bits: int) -> list[tuple[str, str]]:
         """(method, ablation variant) pairs of ``student`` at ``bits``."""

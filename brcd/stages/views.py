@@ -37,7 +37,7 @@ from ..dist import Dist
 from ..files import load_file, save_file
 from ..models import HashModel
 from .context import Context
-from .encode import FEATURE_BATCH
+from .encode import FEATURE_BATCH, map_batches
 
 __all__ = ["ViewCache", "view_cache", "cache_path", "FeatureBank", "student_feature_bank",
            "pair_views", "index_batches", "fresh_batches"]
@@ -78,12 +78,12 @@ def _load(path: Path, ctx: Context) -> ViewCache:
 @torch.no_grad()
 def _features(model: HashModel, x: torch.Tensor, *, size: int, ctx: Context,
               channels_last: bool, bar) -> torch.Tensor:
-    out = []
-    for i in range(0, len(x), FEATURE_BATCH):
-        xb = D.prepare_batch(x[i:i + FEATURE_BATCH], size, ctx.device, channels_last)
-        out.append(model.features(xb).to(torch.float16).cpu())
+    def fwd(xb):
+        f = model.features(D.prepare_batch(xb, size, ctx.device, channels_last))
         bar.update(len(xb))
-    return torch.cat(out)
+        return f.to(torch.float16).cpu()
+    return torch.cat(map_batches(fwd, (x[i:i + FEATURE_BATCH] for i in range(
+        0, len(x), FEATURE_BATCH)), ctx.device))
 
 
 def view_cache(ctx: Context, *, model: HashModel | None, model_cfg: ModelConfig, n_views: int,
