@@ -191,7 +191,8 @@ def score_suite(suite: Suite, results: list[dict], t_codes: dict[int, dict[str, 
     if "paper-student" in suite.students:
         out["map_paper_student"] = scored["paper-student"]["map"]
         out["details_paper_student"] = scored["paper-student"]["details"]
-        ab, mb = _pick(results, "paper-student", None), suite.main_bits
+        mb = suite.main_bits  # the ablation ran at the main length only: --full has BRCD at more
+        ab = [r for r in _pick(results, "paper-student", None) if r["job"]["bits"] == mb]
         if suite.ablation and ab:  # mAP@K only: the ablation table reads nothing else
             table: dict[str, dict[str, list[float]]] = {
                 v: {"sshp": [], "ashp": []} for v in ABLATIONS
