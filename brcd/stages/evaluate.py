@@ -18,7 +18,7 @@ from ..trainer import load_checkpoint
 from .context import Context
 from .encode import encode_images, load_model
 
-__all__ = ["EvalInput", "evaluate", "retrieval_map", "score_run", "score_runs"]
+__all__ = ["EvalInput", "evaluate", "retrieval_map", "run_maps", "score_run", "score_runs"]
 
 
 def retrieval_map(query_codes, db_codes, query_labels, db_labels, *, topk: int) -> float:
@@ -118,6 +118,15 @@ def score_run(codes: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor], 
     return out
 
 
+def run_maps(res: dict, teacher_db: torch.Tensor, query_labels, db_labels, *,
+             topk: int) -> dict[str, float]:
+    """mAP@topk of one student run's codes: ``{"sshp": S/S, "ashp": S query vs teacher_db}``."""
+    return {"sshp": retrieval_map(res["sshp_query"].float(), res["sshp_database"].float(),
+                                  query_labels, db_labels, topk=topk),
+            "ashp": retrieval_map(res["ashp_query"].float(), teacher_db, query_labels, db_labels,
+                                  topk=topk)}
+
+
 def score_runs(results: list[dict], teacher_codes: dict[int, dict[str, torch.Tensor]],
                query_labels, db_labels, *, methods: list[str], main_bits: int, topk: int,
                log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -151,10 +160,8 @@ def score_runs(results: list[dict], teacher_codes: dict[int, dict[str, torch.Ten
             s, a = sc["sshp"], sc["ashp"]
             scores = {"sshp": s.as_dict(), "ashp": a.as_dict()}
         else:
-            scores = {"sshp": {"topk": min(k, len(dl)), "map_at_k": retrieval_map(
-                res["sshp_query"].float(), res["sshp_database"].float(), ql, dl, topk=k)},
-                "ashp": {"topk": min(k, len(dl)), "map_at_k": retrieval_map(
-                    res["ashp_query"].float(), tc["database"], ql, dl, topk=k)}}
+            scores = {p: {"topk": min(k, len(dl)), "map_at_k": v} for p, v in
+                      run_maps(res, tc["database"], ql, dl, topk=k).items()}
         for p in ("sshp", "ashp"):
             mapk[str(b)][meth][p].append(scores[p]["map_at_k"])
         run = {**j, **scores, **{f: res[f] for f in (

@@ -30,7 +30,7 @@ from ..losses import ABLATIONS
 from ..models import count_parameters
 from .context import make_context
 from .encode import build_model, encode_views, load_model
-from .evaluate import retrieval_map, score_runs
+from .evaluate import run_maps, score_runs
 from .masks import MasksInput, mask_stats
 from .speed import encode_speed
 from .students import StudentJob
@@ -199,12 +199,9 @@ def score_suite(suite: Suite, results: list[dict], t_codes: dict[int, dict[str, 
                 if any(r["job"]["method"] == v for r in ab)}
             for r in ab:
                 col = table[r["job"]["method"]]
-                col["sshp"].append(retrieval_map(r["sshp_query"].float(),
-                                                 r["sshp_database"].float(), query_labels,
-                                                 db_labels, topk=topk))
-                col["ashp"].append(retrieval_map(r["ashp_query"].float(),
-                                                 t_codes[mb]["database"], query_labels,
-                                                 db_labels, topk=topk))
+                for p, v in run_maps(r, t_codes[mb]["database"], query_labels, db_labels,
+                                     topk=topk).items():
+                    col[p].append(v)
             out["ablation"] = {str(mb): table}
             out["ablation_paired"] = analysis.ablation_paired(out["ablation"])
     out["paired"] = {st: analysis.paired_table(scored[st]["map"], suite.methods)
