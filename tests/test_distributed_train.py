@@ -10,7 +10,11 @@ The launch costs ~15-25 s of rank start-up (brcd's imports), the rest a few seco
 
 Tolerance: float32 weights after Adam steps within ``atol=2e-5`` (a 2-rank step sums the loss
 and BatchNorm statistics in another order than one process; Adam's first step moves every
-weight by ~lr · sign(grad), so weights agree to the float32 noise of the gradients).
+weight by ~lr · sign(grad), so weights agree to the float32 noise of the gradients). The
+exception is a weight whose gradient is itself near Adam's eps (1e-8): its step lr·g/(|g| + eps)
+is a noise-sensitive fraction of lr. At most 1 in 10^4 weights of a tensor may differ by more,
+and none by more than 2·lr (a Sapphire Rapids VM had 1 of 73,728 off by 3.7e-5 in the RKD run);
+a wrong gather or reduction would move most of them.
 """
 
 import json
@@ -30,6 +34,7 @@ from brcd.trainer import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 ATOL = 2e-5
+NEAR_EPS_SHARE, LR = 1e-4, TINY["student.train.lr"]  # see the module docstring
 ONE_STEP = {"student.train.steps_per_epoch": 1, "teacher.train.steps_per_epoch": 1}
 CACHED_TEACHER = {"teacher.model.freeze_backbone": True, "teacher.train.cache_views": 3}
 NO_EVAL = {"student.train.eval_every": 0}
@@ -67,7 +72,11 @@ def _assert_same_weights(a, b) -> None:
     assert list(wa) == list(wb)  # no "module." prefixes: the unwrapped model's state dict
     for k in wa:
         if wa[k].is_floating_point():
-            torch.testing.assert_close(wa[k], wb[k], atol=ATOL, rtol=0, msg=k)
+            d = (wa[k] - wb[k]).abs()
+            off = int((d > ATOL).sum())
+            assert off <= NEAR_EPS_SHARE * d.numel() and float(d.max()) <= 2 * LR, (
+                f"{k}: {off} of {d.numel()} weights differ by more than {ATOL}, "
+                f"the largest by {float(d.max()):.3g}")
         else:
             assert torch.equal(wa[k], wb[k]), k
 
