@@ -5,7 +5,9 @@ Format: the bytes of ``torch.save(payload)`` followed by a 48-byte trailer, the 
 :data:`MAGIC` and the SHA-256 digest of those payload bytes. ``torch.load`` ignores the trailer,
 so a brcd file is still an ordinary torch file to other tools; brcd itself loads a file only
 after the digest matches, and only with ``weights_only=True`` (tensors, dicts, lists, tuples,
-str and numbers: nothing in a file can run code).
+str and numbers: nothing in a file can run code). The payload is serialised in memory, so
+the same payload always gives the same bytes, whatever the path or process (:func:`file_digest`
+reads the checksum, e.g. to tell whether a run's inputs changed).
 
 Files without the trailer (a damaged trailer, or a file written by brcd before checksums or by
 something else) are REFUSED with a ``ValueError``: brcd cannot tell an old file from a damaged
@@ -26,8 +28,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["MAGIC", "save_file", "load_file", "check_plain", "write_atomic", "check_folder",
-           "check_output"]
+__all__ = ["MAGIC", "save_file", "load_file", "file_digest", "check_plain", "write_atomic",
+           "check_folder", "check_output"]
 
 MAGIC = b"brcd-sha256-v1\n\x00"  # 16 bytes, then the 32-byte digest
 _TRAILER = len(MAGIC) + 32
@@ -57,14 +59,6 @@ def check_plain(obj: Any, where: str = "payload") -> None:
     raise TypeError(f"{where} is a {type(obj).__name__}; brcd files hold only tensors, dicts, "
                     "lists, tuples, str, int, float, bool and None (loadable with "
                     "weights_only=True)")
-
-
-def _sha256(path: Path) -> bytes:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.digest()
 
 
 def write_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
@@ -97,13 +91,49 @@ def save_file(obj: Any, path: str | Path) -> Path:
         ``path``.
     """
     check_plain(obj)
+    # Serialised in memory: torch.save names its zip records after the file it writes to, so
+    # saving straight to the temporary file would make the bytes, and the checksum, depend on
+    # the writing process's pid. This way equal payloads give equal files (file_digest).
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    data = buf.getbuffer()
 
     def write(tmp: Path) -> None:
-        torch.save(obj, tmp)
-        digest = _sha256(tmp)
-        with open(tmp, "ab") as fh:
-            fh.write(MAGIC + digest)
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.write(MAGIC + hashlib.sha256(data).digest())
     return write_atomic(path, write)
+
+
+def file_digest(path: str | Path, what: str = "file") -> str:
+    """The SHA-256 of a :func:`save_file` file's payload, read from its trailer (the payload is
+    not re-hashed: :func:`load_file` verifies it whenever the file is read).
+
+    Args:
+        path: the file. what: what it is, for messages.
+
+    Returns:
+        64 hex digits; equal for two files exactly when their payloads are equal.
+
+    Raises:
+        ValueError: naming the path, when it is missing or has no brcd trailer.
+
+    Example:
+        >>> import tempfile, torch
+        >>> f = save_file({"x": torch.zeros(2)}, tempfile.mkdtemp() + "/a.pt")
+        >>> len(file_digest(f))
+        64
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{what} {str(path)!r} does not exist")
+    with open(path, "rb") as fh:
+        size = fh.seek(0, os.SEEK_END)
+        fh.seek(max(0, size - _TRAILER))
+        trailer = fh.read()
+    if size < _TRAILER or trailer[:len(MAGIC)] != MAGIC:
+        raise ValueError(f"{what} {str(path)!r} is not a checksummed brcd file ({size} bytes)")
+    return trailer[len(MAGIC):].hex()
 
 
 def _usable(path: Path, target: Path, what: str, writable: bool) -> None:

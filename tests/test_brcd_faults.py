@@ -18,7 +18,7 @@ from brcd_support import TINY
 
 from brcd import cli, task
 from brcd.config import config_to_dict, load_config
-from brcd.files import MAGIC, load_file, save_file
+from brcd.files import MAGIC, file_digest, load_file, save_file
 from brcd.trainer import load_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,6 +131,22 @@ def test_flipped_bytes_are_always_detected(run, tmp_path):
         load_checkpoint(bad)
     save_file(torch.load(bad, weights_only=True), bad)  # adopting a trusted file, as documented
     assert all(torch.equal(ref[k], v) for k, v in load_checkpoint(bad)["model"].items())
+
+
+def test_file_digest_is_the_payload_checksum(tmp_path):
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"  # the same payload under two names: same bytes
+    save_file({"x": torch.arange(5)}, a)
+    save_file({"x": torch.arange(5)}, b)
+    data = a.read_bytes()
+    assert file_digest(a) == hashlib.sha256(data[:-48]).hexdigest() == file_digest(b)
+    save_file({"x": torch.arange(6)}, b)
+    assert file_digest(b) != file_digest(a)
+    for bad in (data[:-48], data[:10], b""):  # no trailer: refused, naming the file
+        b.write_bytes(bad)
+        with pytest.raises(ValueError, match=r"input '.*b\.pt' is not a checksummed brcd file"):
+            file_digest(b, "input")
+    with pytest.raises(ValueError, match="missing.pt' does not exist"):
+        file_digest(tmp_path / "missing.pt")
 
 
 def test_damaged_checkpoint_fails_evaluate_and_encode(run, tmp_path, capsys):

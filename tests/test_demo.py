@@ -1,6 +1,7 @@
 """The demo's option defaults, its paired BRCD-vs-baseline sentences, and a tiny end-to-end run
 on scikit-learn digits that writes the report, the metrics JSON and the plots, which
-``--report-only`` renders again from the metrics alone."""
+``--report-only`` renders again from the metrics alone; rerun, it reuses every saved student
+result and retrains one whose teacher changed."""
 
 import argparse
 import json
@@ -8,7 +9,9 @@ import json
 import pytest
 
 from brcd import analysis, demo, report
+from brcd.files import load_file, save_file
 from brcd.losses import ABLATIONS
+from brcd.stages import students
 
 
 def parse(argv):
@@ -50,17 +53,17 @@ def test_paired_sentences_say_when_brcd_loses():
 
 
 @pytest.mark.slow
-def test_demo_smoke_on_digits(tmp_path):
+def test_demo_smoke_on_digits(tmp_path, monkeypatch):
     out = tmp_path / "demo"
-    rc = demo.main([
+    argv = [
         "--dataset", "digits", "--out", str(out), "--bits", "8", "--methods", "none,brcd",
         "--teacher-epochs", "1", "--student-epochs", "2", "--views", "2", "--workers", "1",
         "--threads", "1", "--seeds", "2", "--train-images", "128", "--n-val", "64",
         "--n-query", "40", "--n-database", "256", "--topk", "50", "--search-gallery", "0",
         "--no-faiss", "--speed-batches", "1,8", "--main-bits", "8", "--paper-epochs", "1",
         "--paper-size", "32",
-    ])
-    assert rc == 0
+    ]
+    assert demo.main(argv) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["dataset"] == "digits" and m["bits"] == [8]
     for key in ("map", "map_paper_student"):  # both students, 2 paired seeds per method
@@ -98,3 +101,19 @@ def test_demo_smoke_on_digits(tmp_path):
     assert (out / "report.md").read_text() == report
     for png in ("pr_curves.png", "map_vs_bits.png", "mask_heatmap.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+    # Rerun: the teachers come out the same, so every student run is read back, not trained
+    def no_training(*a, **k):
+        raise AssertionError("a saved student run was trained again")
+    monkeypatch.setattr(students, "distill", no_training)
+    assert demo.main(argv) == 0
+    again = json.loads((out / "metrics.json").read_text())
+    for key in ("map", "map_paper_student", "ablation", "paired"):
+        assert again[key] == m[key]
+    # a changed input (another teacher checkpoint payload) makes its runs train again
+    run = out / "work" / "b8" / "tiny-cnn" / "none-s0"
+    job = students.StudentJob(**load_file(run / students.RESULT)["key"]["job"])
+    assert students.student_job(job)["reused"]
+    save_file({**load_file(job.teacher), "note": "changed"}, job.teacher)
+    with pytest.raises(AssertionError, match="trained again"):
+        students.student_job(job)

@@ -1,12 +1,18 @@
 """Many student runs at once: each a distill stage plus the codes of its validation-selected
-checkpoints, in parallel single-threaded worker processes (the demo's hot path)."""
+checkpoints, in parallel single-threaded worker processes (the demo's hot path).
+
+Each run saves its result next to its checkpoints (:data:`RESULT`), keyed by the job, the
+checksums of its input files and of the code, so rerunning the same command after a crash, an
+interrupt or a failure in a later step reuses every finished run instead of training it again."""
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -14,13 +20,15 @@ from typing import Any
 import torch
 
 from ..config import config_from_dict
-from ..files import load_file
+from ..files import file_digest, load_file, save_file
 from ..trainer import load_checkpoint
 from .context import make_context
 from .distill import DistillInput, distill
 from .encode import encode_views, head_codes, load_model
 
-__all__ = ["StudentJob", "student_job", "run_students"]
+__all__ = ["RESULT", "StudentJob", "student_job", "run_students"]
+
+RESULT = "student_result.pt"  # in the run's out_dir
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,10 +62,15 @@ def _history(out: Path) -> list[dict]:
 def student_job(job: StudentJob, progress: bool = False) -> dict[str, Any]:
     """Distill, then encode the queries (and, for SSHP, the database) with the best-SSHP and
     best-ASHP checkpoints. Returns int8 codes, their epochs and validation scores, timings
-    and the training log."""
+    and the training log, and saves them in the run's folder (:data:`RESULT`). When that
+    folder already holds the result of the same job on the same inputs (file checksums), the
+    job returns it, with ``"reused": True``, and trains nothing."""
     torch.set_num_threads(job.threads)
     cfg = config_from_dict(job.config)
     out = Path(cfg.out_dir)
+    key = _key(job)
+    if (saved := _saved(out / RESULT, key)) is not None:
+        return saved
     for old in out.glob("student_*"):
         old.unlink()  # a rerun starts afresh (the trainer appends to its metrics log)
     t0 = time.perf_counter()
@@ -88,7 +101,42 @@ def student_job(job: StudentJob, progress: bool = False) -> dict[str, Any]:
             res["sshp_database"] = enc["database"].to(torch.int8)
     res["eval_s"] = round(time.perf_counter() - t0 - train_s, 1)
     res["history"] = _history(out)
+    save_file({"key": key, "result": res}, out / RESULT)
     return res
+
+
+@functools.cache
+def _code_digest() -> str:
+    """SHA-256 of the brcd and fasthash Python sources and the torch version: a result saved
+    by other code is not reused."""
+    import fasthash
+
+    h = hashlib.sha256(torch.__version__.encode())
+    for pkg in (Path(__file__).parents[1], Path(fasthash.__file__).parent):
+        for f in sorted(pkg.rglob("*.py")):
+            h.update(f.relative_to(pkg.parent).as_posix().encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
+def _key(job: StudentJob) -> dict[str, Any]:
+    """What a saved result must match: the job (its thread count aside: results do not depend
+    on it), the payload checksums of the teacher and eval files it read, and the code."""
+    inputs = [job.teacher, job.eval_feats or job.eval_views]
+    return {"job": {k: v for k, v in asdict(job).items() if k != "threads"},
+            "inputs": [file_digest(p, "student job input") for p in inputs],
+            "code": _code_digest()}
+
+
+def _saved(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
+    """The result saved at ``path`` if its key equals ``key``, else None (also when the file
+    is missing or unreadable: the run is then trained again)."""
+    if not path.is_file():
+        return None
+    try:
+        saved = load_file(path, "student result")
+    except ValueError:
+        return None
+    return {**saved["result"], "reused": True} if saved.get("key") == key else None
 
 
 def run_students(jobs: list[StudentJob], workers: int) -> list[dict[str, Any]]:
@@ -108,7 +156,8 @@ def run_students(jobs: list[StudentJob], workers: int) -> list[dict[str, Any]]:
         bar.update(1)
         tqdm.write(f"   {j['student']:>13} {j['method']:>8} {j['variant']:>17} {j['bits']}b "
                    f"seed {j['seed']}: val SSHP "
-                   f"{r['sshp_val']:.3f} ASHP {r['ashp_val']:.3f} (train {r['train_s']:.0f}s)")
+                   f"{r['sshp_val']:.3f} ASHP {r['ashp_val']:.3f} "
+                   + ("(saved result)" if r.get("reused") else f"(train {r['train_s']:.0f}s)"))
 
     if workers <= 1:
         for i, job in enumerate(jobs):
