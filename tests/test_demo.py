@@ -92,6 +92,8 @@ def test_demo_smoke_on_digits(tmp_path, monkeypatch):
     for text in ("teacher/teacher", "BRCD", "student, no KD", "speed-up", "offset-positive",
                  "Ablation", "paired seeds"):
         assert text in report
+    speed = report.split("## Encode speed")[1].split("\n## ")[0]  # a row per student
+    assert all(m["students"][st]["label"] in speed for st in ("tiny-cnn", "paper-student"))
     for png in ("pr_curves.png", "map_vs_bits.png", "mask_heatmap.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
         (out / png).unlink()
