@@ -1,5 +1,9 @@
 """Coverage-guided atheris target for the compiled bindings fasthash._C.topk / radius /
-hamming_distances: arbitrary shapes, dtypes, layouts, values, k / r, num_threads, simd, mask.
+hamming_distances (arbitrary shapes, dtypes, layouts, values, k / r, num_threads, simd, mask)
+and the multi-index hashing tables fasthash._C.MIHTables (bits, num_tables, galleries,
+queries, masks, k / r, budget, give_up, threads). A query MIH reports done must have the exact
+answer; one it reports not done (budget, give_up, too many masked-out bits) has none to check,
+but with an unlimited budget, no give-up and no mask every query must be done.
 
 Every input is classified by the bindings' contract (csrc/bindings.cpp docstrings): VALID inputs
 must give exactly the numpy oracle's answer, INVALID ones must raise TypeError / ValueError, and
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import math
 import os
 import sys
 
@@ -134,9 +139,134 @@ def _simd(fdp) -> str:
     return fdp.ConsumeUnicodeNoSurrogates(6)
 
 
+def _checked_int(v, lo: int, hi: int, name: str, worse) -> int | None:
+    """The int an argument passes as, after noting its verdict (None: not an int)."""
+    if isinstance(v, bool):
+        worse(EITHER, f"{name} bool")
+        v = int(v)
+    if isinstance(v, np.integer):
+        v = int(v)
+    if not isinstance(v, int):
+        worse(INVALID, f"{name} {type(v).__name__}")
+        return None
+    if v < lo or v > hi:
+        worse(INVALID, f"{name}={v}")
+    return v
+
+
+def _too_many_probes(bits: int, tables, k, fn: str, x: np.ndarray, q: np.ndarray) -> bool:
+    """Whether an unlimited MIH search could probe more than ~10^5 buckets: m tables of
+    ceil(bits / m) bits probed to radius floor(R / m) + 1, R the radius searched (r, or the
+    k-th smallest distance)."""
+    tables, k = (int(v) if isinstance(v, (np.integer, bool)) else v for v in (tables, k))
+    if not (isinstance(tables, int) and isinstance(k, int) and 1 <= tables <= bits) or \
+            x.shape[1] != q.shape[1]:
+        return False
+    if fn == "mih_topk":
+        if not (1 <= k <= len(x)) or len(q) == 0:
+            return False
+        radius = int(np.sort(_oracle_dist(q, x, None), axis=1)[:, k - 1].max())
+    else:
+        radius = k
+    length, depth = -(-bits // tables), min(radius // tables + 1, -(-bits // tables))
+    return tables * sum(math.comb(length, i) for i in range(depth + 1)) * max(1, len(q)) > 1e5
+
+
+def make_mih_call(fdp) -> dict:
+    """One MIHTables build + topk / radius call, and its verdict (csrc/bindings.cpp mih_new,
+    mih_query; csrc/include/fasthash/mih.h: bits beyond ``bits`` must be zero)."""
+    why, verdict = [], VALID
+
+    def worse(v: str, reason: str) -> None:
+        nonlocal verdict
+        verdict = INVALID if v == INVALID else (EITHER if v == EITHER and verdict == VALID
+                                                else verdict)
+        if v != VALID:
+            why.append(reason)
+
+    fn = ["mih_topk", "mih_radius"][fdp.ConsumeIntInRange(0, 1)]
+    # half the inputs take only well-formed arguments, so that most of them reach the search
+    clean = fdp.ConsumeBool()
+    layout = (lambda fdp, a, allow_1d: (a, VALID, "c-uint64")) if clean else _layout
+    integer = (lambda fdp, lo, hi: fdp.ConsumeIntInRange(max(lo, 0), max(hi, 0))) if clean \
+        else _int
+    bits = integer(fdp, 1, 200)
+    b = bits if isinstance(bits, int) and 1 <= bits <= 200 else fdp.ConsumeIntInRange(1, 200)
+    w = (b + 63) // 64 if clean or fdp.ConsumeIntInRange(0, 15) else fdp.ConsumeIntInRange(0, 4)
+    n, nq = fdp.ConsumeIntInRange(int(clean), 80), fdp.ConsumeIntInRange(0, 6)
+    x, q = _words(fdp, n, w), _words(fdp, nq, w)
+    m_rows = [None, None, "1d", 1, nq, fdp.ConsumeIntInRange(0, 8)][
+        fdp.ConsumeIntInRange(0, 4 if clean else 5)]
+    m = None if m_rows is None else _words(fdp, 1 if m_rows == "1d" else m_rows, w)
+    if m is not None and m_rows == "1d":
+        m = m.reshape(-1)
+    tail = not clean and fdp.ConsumeIntInRange(0, 15) == 0  # bits beyond `bits` kept: a broken
+    # precondition (mih.h), so only a crash or a hang counts
+    if not tail and w * 64 > b:
+        keep = np.array([np.uint64(2**64 - 1) if 64 * (j + 1) <= b
+                         else np.uint64((1 << max(0, b - 64 * j)) - 1) for j in range(w)],
+                        dtype=np.uint64)
+        x, q = x & keep, q & keep
+        if m is not None:
+            m = m & keep
+    elif w * 64 > b:
+        why.append("bits beyond `bits` set: only a crash or a hang counts")
+    xa, xv, xd = layout(fdp, x, allow_1d=False)
+    qa, qv, qd = layout(fdp, q, allow_1d=False)
+    ma, mv, md = (None, VALID, "None") if m is None else layout(fdp, m, allow_1d=True)
+    tables = integer(fdp, -(-b // 64), b) if clean else _int(fdp, 0, b + 2)
+    threads, qthreads = integer(fdp, -1, 8), integer(fdp, -1, 8)
+    if fn == "mih_topk":
+        k = integer(fdp, 1, n) if clean else _int(fdp, -2, n + 2)
+    else:
+        k = integer(fdp, 0, b + 2)
+    budget = [None, None, math.inf, 0.5, 4.0, 1e-3, 0.0, -1.0, math.nan, "4"][
+        fdp.ConsumeIntInRange(0, 5 if clean else 9)]
+    give_up = [0.0, 0.0, 0.5, 3.0][fdp.ConsumeIntInRange(0, 3)]
+    if budget == math.inf and _too_many_probes(b, tables, k, fn, x, q):
+        budget = None  # unlimited is documented to run practically forever on such a search
+    worse(xv, f"gallery {xd}")
+    worse(qv, f"queries {qd}")
+    worse(mv, f"mask {md}")
+    bv = _checked_int(bits, 1, 1 << 20, "bits", worse)
+    if isinstance(xa, np.ndarray) and xa.ndim == 2 and bv is not None and \
+            xa.shape[1] != (bv + 63) // 64:
+        worse(INVALID, "gallery words != ceil(bits / 64)")
+    tv = _checked_int(tables, 1, 2**31 - 1, "num_tables", worse)
+    if tv is not None and bv is not None and (tv > bv or -(-bv // max(tv, 1)) > 64):
+        worse(INVALID, f"num_tables={tv} for {bv} bits")
+    _checked_int(threads, 0, 1024, "num_threads", worse)
+    _checked_int(qthreads, 0, 1024, "query num_threads", worse)
+    if isinstance(qa, np.ndarray) and qa.ndim == 2 and isinstance(xa, np.ndarray) and \
+            xa.ndim == 2 and qa.shape[1] != xa.shape[1]:
+        worse(INVALID, "queries words")
+    qrows = qa.shape[0] if isinstance(qa, np.ndarray) and qa.ndim == 2 else -1
+    if isinstance(ma, np.ndarray) and isinstance(xa, np.ndarray) and xa.ndim == 2 and \
+            ma.ndim in (1, 2) and (ma.shape[-1] != xa.shape[1] or (
+                ma.ndim == 2 and ma.shape[0] not in (1, qrows))):
+        worse(INVALID, f"mask shape {ma.shape}")
+    rows = xa.shape[0] if isinstance(xa, np.ndarray) and xa.ndim == 2 else n
+    if fn == "mih_topk":
+        _checked_int(k, 1, rows, "k", worse)
+    else:
+        _checked_int(k, 0, 2**63 - 1, "r", worse)
+        if rows < 1:
+            worse(INVALID, "empty tables")
+    if isinstance(budget, str):
+        worse(INVALID, "budget str")
+    elif budget is not None and not budget > 0:
+        worse(INVALID, f"budget={budget}")
+    return {"fn": fn, "q": qa, "x": xa, "m": ma, "k": k, "threads": threads,
+            "qthreads": qthreads, "bits": bits, "tables": tables, "budget": budget,
+            "give_up": give_up, "simd": "", "verdict": verdict, "why": why,
+            "unchecked": tail and w * 64 > b}
+
+
 def make_call(data: bytes) -> dict:
     """Decode one fuzzer input into a call of _C and its verdict."""
     fdp = atheris.FuzzedDataProvider(data)
+    if fdp.ConsumeIntInRange(0, 3) == 0:
+        return make_mih_call(fdp)
     fn = ["topk", "radius", "hamming_distances"][fdp.ConsumeIntInRange(0, 2)]
     big = fdp.ConsumeIntInRange(0, 63) == 0
     w = fdp.ConsumeIntInRange(MAX_WORDS - 1, MAX_WORDS + 1) if big else fdp.ConsumeIntInRange(0, 6)
@@ -252,6 +382,8 @@ def _check(call: dict, out) -> str | None:
         return None if np.array_equal(out, d) else "distances differ from popcount(xor & mask)"
     k = int(call["k"])
     order = np.argsort(d, axis=1, kind="stable")
+    if fn.startswith("mih_"):
+        return _check_mih(call, out, d, order, k)
     if fn == "topk":
         dd, ii = out
         want_d = np.take_along_axis(d, order[:, :k], axis=1)
@@ -278,14 +410,61 @@ def _check(call: dict, out) -> str | None:
     return None
 
 
+def _check_mih(call: dict, out, d: np.ndarray, order: np.ndarray, k: int) -> str | None:
+    """Exact answers for the queries MIH reports done; consistent stats; everything done when
+    nothing could stop it (unlimited budget, no give-up, no mask)."""
+    done, stats = out[-2], out[-1]
+    nq = d.shape[0]
+    if done.dtype != np.bool_ or done.shape != (nq,):
+        return f"done: {done.dtype} {done.shape}"
+    if stats["not_done"] != int((~done).sum()):
+        return f"stats not_done {stats['not_done']} != {int((~done).sum())}"
+    if call["budget"] == math.inf and call["give_up"] == 0 and call["m"] is None \
+            and not done.all():
+        return "a query was left undone with an unlimited budget and no mask"
+    if call["fn"] == "mih_topk":
+        dd, ii = out[0], out[1]
+        if dd.dtype != np.int32 or ii.dtype != np.int64 or dd.shape != (nq, k):
+            return f"mih topk: {dd.dtype} {ii.dtype} {dd.shape}, want ({nq}, {k})"
+        want_d = np.take_along_axis(d, order[:, :k], axis=1)
+        if not np.array_equal(dd[done], want_d[done]):
+            return "mih topk distances of done queries differ from the stable argsort"
+        if not np.array_equal(ii[done], order[done, :k]):
+            return "mih topk positions of done queries differ (ties by position)"
+        return None
+    lims, dd, ii = out[0], out[1], out[2]
+    want_l, want_d, want_i = [0], [], []
+    for row, o, ok in zip(d, order, done, strict=True):
+        keep = o[row[o] <= k] if ok else o[:0]
+        want_d += row[keep].tolist()
+        want_i += keep.tolist()
+        want_l.append(len(want_d))
+    if lims.dtype != np.int64 or dd.dtype != np.int32 or ii.dtype != np.int64:
+        return f"mih radius dtypes {lims.dtype} {dd.dtype} {ii.dtype}"
+    if lims.tolist() != want_l:
+        return "mih radius lims differ (done: all within r; not done: none)"
+    if dd.tolist() != want_d or ii.tolist() != want_i:
+        return "mih radius results differ from (distance, position) order"
+    return None
+
+
+def _call_mih(call: dict):
+    t = C.MIHTables(call["x"], call["bits"], call["tables"], call["threads"])
+    search = t.topk if call["fn"] == "mih_topk" else t.radius
+    return search(call["q"], call["k"], call["m"], call["budget"], call["give_up"],
+                  call["qthreads"])
+
+
 def run_one(data: bytes) -> tuple[str, str | None, dict]:
     """Run one input; return (outcome, problem, call) with outcome ok | rejected | wrong."""
     if C is None:
         _load()
     call = make_call(data)
-    fn = getattr(C, call["fn"])
+    fn = None if call["fn"].startswith("mih_") else getattr(C, call["fn"])
     try:
-        if call["fn"] == "hamming_distances":
+        if fn is None:
+            out = _call_mih(call)
+        elif call["fn"] == "hamming_distances":
             out = fn(call["q"], call["x"], call["m"], call["threads"], call["simd"])
         else:
             out = fn(call["q"], call["x"], call["k"], call["m"], call["threads"], call["simd"])
@@ -297,6 +476,8 @@ def run_one(data: bytes) -> tuple[str, str | None, dict]:
         return "wrong", f"unexpected {type(exc).__name__}: {exc}", call
     if call["verdict"] == INVALID:
         return "wrong", f"accepted an invalid input ({'; '.join(call['why'])})", call
+    if call.get("unchecked"):  # the input broke a documented precondition: any answer goes
+        return "ok", None, call
     problem = _check(call, out)
     return ("wrong", problem, call) if problem else ("ok", None, call)
 
@@ -308,7 +489,9 @@ def _describe(call: dict) -> dict:
                    f"aligned={a.flags.aligned}"
         return repr(a)[:80]
 
-    return {"fn": call["fn"], "queries": short(call["q"]), "gallery": short(call["x"]),
+    extra = {k: repr(call[k]) for k in ("bits", "tables", "qthreads", "budget", "give_up")
+             if k in call}
+    return {**extra, "fn": call["fn"], "queries": short(call["q"]), "gallery": short(call["x"]),
             "mask": short(call["m"]), "k_or_r": repr(call["k"]), "num_threads":
             repr(call["threads"]), "simd": repr(call["simd"]), "verdict": call["verdict"],
             "why": call["why"]}
@@ -337,6 +520,12 @@ def main() -> None:
             print(json.dumps({"input": path, "outcome": outcome, "problem": problem,
                               "call": _describe(call)}))
         return
+    # Python-level coverage of the input decoding and the checks, so that libFuzzer also
+    # explores the argument space when the extension carries no coverage (no clang build)
+    g = globals()
+    for name in ("make_call", "make_mih_call", "_words", "_layout", "_int", "_simd",
+                 "_checked_int", "_check", "_check_mih", "run_one"):
+        g[name] = atheris.instrument_func(g[name])
     atheris.Setup(args, test_one_input)
     atheris.Fuzz()
 

@@ -11,10 +11,11 @@ Phases (each in a subprocess, so a crash is counted instead of ending the run):
    within FUZZ_PROPERTY_SHARE (default 0.75) of the time. A test stops early when its share of
    the remaining time is used up (its examples so far still count). Inputs are counted exactly:
    every executed test case (generation and shrinking), through hypothesis' ``inner_test``.
-2. atheris: ``fuzz/fuzz_bindings.py`` for the rest of the time, restarted after a crash or a
-   hang. With clang++ the extension is rebuilt (build/fuzz, via fuzz/build_ext.py) with
-   libFuzzer coverage instrumentation so the C++ code guides the fuzzer; without clang the
-   in-place extension is fuzzed with Python-level feedback only.
+2. atheris: ``fuzz/fuzz_bindings.py`` (the search bindings and the MIH tables) for the rest
+   of the time, restarted after a crash or a hang. With clang++ the extension is rebuilt
+   (build/fuzz, via fuzz/build_ext.py) with libFuzzer coverage instrumentation so the C++ code
+   guides the fuzzer; without clang the in-place extension is fuzzed with Python-level
+   feedback (the harness's decoding and checks) only.
 
 Counted: inputs (property examples + atheris executions), crashes (a dead process: signal,
 sanitizer, uncaught exception in the harness), wrong answers (failed properties, and atheris
