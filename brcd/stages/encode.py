@@ -107,7 +107,10 @@ def map_batches(fn: Callable[[torch.Tensor], torch.Tensor], batches: Iterable[to
     """``fn`` (a forward pass, under inference mode) of each batch, in order. On a CPU process
     with several torch threads, one Python thread per torch thread runs whole batches with one
     intra-op thread each: Lite2 at 64 px, batches of 64, 2 cores: 1.2x the images/s of two
-    intra-op threads on each batch (small convolutions split badly across threads)."""
+    intra-op threads on each batch (small convolutions split badly across threads); on a
+    Sapphire Rapids-class VM no reliable gain (0.89-1.18x, ``bench/eval_speed.py``). While it
+    runs, torch's process-wide intra-op thread count is 1 (restored after): other torch work
+    in the process meanwhile runs single-threaded."""
     def one(x):
         with torch.inference_mode():
             return fn(x)
