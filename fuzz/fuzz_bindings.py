@@ -327,23 +327,11 @@ def make_call(data: bytes) -> dict:
         if isinstance(ma, np.ndarray) and ma.ndim in (1, 2):
             if ma.shape[-1] != width or (ma.ndim == 2 and ma.shape[0] not in (1, qa.shape[0])):
                 worse(INVALID, f"mask shape {ma.shape}")
-    for name, v, lo in (("k" if fn == "topk" else "r", k, 1 if fn == "topk" else 0),
-                        ("num_threads", threads, 0)):
-        if name == "r" and fn == "hamming_distances":
-            continue
-        if name == "k" and fn == "hamming_distances":
-            continue
-        if isinstance(v, bool):
-            worse(EITHER, f"{name} bool")
-            v = int(v)
-        if isinstance(v, np.integer):
-            v = int(v)
-        if not isinstance(v, int):
-            worse(INVALID, f"{name} {type(v).__name__}")
-            continue
-        limit = getattr(C, "MAX_THREADS", 2**31 - 1) if name == "num_threads" else 2**63 - 1
-        if v < lo or v > limit or (name == "k" and v > n):
-            worse(INVALID, f"{name}={v}")
+    if fn == "topk":
+        _checked_int(k, 1, n, "k", worse)
+    elif fn == "radius":
+        _checked_int(k, 0, 2**63 - 1, "r", worse)
+    _checked_int(threads, 0, getattr(C, "MAX_THREADS", 2**31 - 1), "num_threads", worse)
     if fn in ("topk", "radius") and n < 1:
         worse(INVALID, "empty gallery")
     if simd == "auto":
