@@ -139,6 +139,21 @@ def _simd(fdp) -> str:
     return fdp.ConsumeUnicodeNoSurrogates(6)
 
 
+class _Verdict:
+    """The verdict of one call so far (VALID, then EITHER or INVALID as reasons arrive)."""
+
+    def __init__(self) -> None:
+        self.verdict, self.why = VALID, []
+
+    def worse(self, v: str, reason: str) -> None:
+        if v == INVALID:
+            self.verdict = INVALID
+        elif v == EITHER and self.verdict == VALID:
+            self.verdict = EITHER
+        if v != VALID:
+            self.why.append(reason)
+
+
 def _checked_int(v, lo: int, hi: int, name: str, worse) -> int | None:
     """The int an argument passes as, after noting its verdict (None: not an int)."""
     if isinstance(v, bool):
@@ -175,15 +190,8 @@ def _too_many_probes(bits: int, tables, k, fn: str, x: np.ndarray, q: np.ndarray
 def make_mih_call(fdp) -> dict:
     """One MIHTables build + topk / radius call, and its verdict (csrc/bindings.cpp mih_new,
     mih_query; csrc/include/fasthash/mih.h: bits beyond ``bits`` must be zero)."""
-    why, verdict = [], VALID
-
-    def worse(v: str, reason: str) -> None:
-        nonlocal verdict
-        verdict = INVALID if v == INVALID else (EITHER if v == EITHER and verdict == VALID
-                                                else verdict)
-        if v != VALID:
-            why.append(reason)
-
+    vd = _Verdict()
+    worse = vd.worse
     fn = ["mih_topk", "mih_radius"][fdp.ConsumeIntInRange(0, 1)]
     # half the inputs take only well-formed arguments, so that most of them reach the search
     clean = fdp.ConsumeBool()
@@ -212,7 +220,7 @@ def make_mih_call(fdp) -> dict:
         if m is not None:
             m = m & keep
     elif w * 64 > b:
-        why.append("bits beyond `bits` set: only a crash or a hang counts")
+        vd.why.append("bits beyond `bits` set: only a crash or a hang counts")
     xa, xv, xd = layout(fdp, x, allow_1d=False)
     qa, qv, qd = layout(fdp, q, allow_1d=False)
     ma, mv, md = (None, VALID, "None") if m is None else layout(fdp, m, allow_1d=True)
@@ -239,8 +247,8 @@ def make_mih_call(fdp) -> dict:
     tv = _checked_int(tables, 1, 2**31 - 1, "num_tables", worse)
     if tv is not None and bv is not None and (tv > bv or -(-bv // max(tv, 1)) > 64):
         worse(INVALID, f"num_tables={tv} for {bv} bits")
-    _checked_int(threads, 0, 1024, "num_threads", worse)
-    _checked_int(qthreads, 0, 1024, "query num_threads", worse)
+    _checked_int(threads, 0, C.MAX_THREADS, "num_threads", worse)
+    _checked_int(qthreads, 0, C.MAX_THREADS, "query num_threads", worse)
     if isinstance(qa, np.ndarray) and qa.ndim == 2 and isinstance(xa, np.ndarray) and \
             xa.ndim == 2 and qa.shape[1] != xa.shape[1]:
         worse(INVALID, "queries words")
@@ -262,7 +270,7 @@ def make_mih_call(fdp) -> dict:
         worse(INVALID, f"budget={budget}")
     return {"fn": fn, "q": qa, "x": xa, "m": ma, "k": k, "threads": threads,
             "qthreads": qthreads, "bits": bits, "tables": tables, "budget": budget,
-            "give_up": give_up, "simd": "", "verdict": verdict, "why": why,
+            "give_up": give_up, "simd": "", "verdict": vd.verdict, "why": vd.why,
             "unchecked": tail and w * 64 > b}
 
 
@@ -300,17 +308,8 @@ def make_call(data: bytes) -> dict:
     simd = _simd(fdp)
 
     # ---- the verdict, from the contract of csrc/bindings.cpp
-    why = []
-    verdict = VALID
-
-    def worse(v: str, reason: str) -> None:
-        nonlocal verdict
-        if v == INVALID:
-            verdict = INVALID
-        elif v == EITHER and verdict == VALID:
-            verdict = EITHER
-        if v != VALID:
-            why.append(reason)
+    vd = _Verdict()
+    worse = vd.worse
 
     worse(qv, f"queries {qd}")
     worse(xv, f"gallery {xd}")
@@ -339,7 +338,7 @@ def make_call(data: bytes) -> dict:
     elif simd not in ("", *LEVELS):
         worse(INVALID, f"simd {simd!r}")
     return {"fn": fn, "q": qa, "x": xa, "m": ma, "k": k, "threads": threads, "simd": simd,
-            "verdict": verdict, "why": why}
+            "verdict": vd.verdict, "why": vd.why}
 
 
 # ----------------------------------------------------------------------------- oracle
