@@ -120,20 +120,29 @@ def file_digest(path: str | Path, what: str = "file") -> str:
 
     Example:
         >>> import tempfile, torch
-        >>> f = save_file({"x": torch.zeros(2)}, tempfile.mkdtemp() + "/a.pt")
-        >>> len(file_digest(f))
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     len(file_digest(save_file({"x": torch.zeros(2)}, d + "/a.pt")))
         64
     """
     path = Path(path)
+    name = f"{what} {str(path)!r}"
     if not path.is_file():
-        raise ValueError(f"{what} {str(path)!r} does not exist")
+        raise ValueError(f"{name} does not exist")
     with open(path, "rb") as fh:
         size = fh.seek(0, os.SEEK_END)
         fh.seek(max(0, size - _TRAILER))
         trailer = fh.read()
-    if size < _TRAILER or trailer[:len(MAGIC)] != MAGIC:
-        raise ValueError(f"{what} {str(path)!r} is not a checksummed brcd file ({size} bytes)")
+    _check_trailer(name, size, trailer)
     return trailer[len(MAGIC):].hex()
+
+
+def _check_trailer(name: str, size: int, trailer: bytes) -> None:
+    """Refuse a file of ``size`` bytes whose last 48 bytes ``trailer`` are no brcd trailer."""
+    if size < _TRAILER or trailer[:len(MAGIC)] != MAGIC:
+        raise ValueError(
+            f"{name} is not a checksummed brcd file ({size} bytes: truncated, empty, damaged, "
+            "not written by brcd, or written by a brcd without checksums; to adopt a file you "
+            "trust, re-save it with brcd.files.save_file)")
 
 
 def _usable(path: Path, target: Path, what: str, writable: bool) -> None:
@@ -210,11 +219,7 @@ def load_file(path: str | Path, what: str = "file", *, memo: bool = False) -> An
     with open(path, "rb") as fh:
         data = fh.read(max(0, size - _TRAILER))
         trailer = fh.read()
-    if size < _TRAILER or trailer[:len(MAGIC)] != MAGIC:
-        raise ValueError(
-            f"{name} is not a checksummed brcd file ({size} bytes: truncated, empty, damaged, "
-            "not written by brcd, or written by a brcd without checksums; to adopt a file you "
-            "trust, re-save it with brcd.files.save_file)")
+    _check_trailer(name, size, trailer)
     if hashlib.sha256(data).digest() != trailer[len(MAGIC):]:
         raise ValueError(f"{name} is damaged: its SHA-256 checksum does not match its contents")
     try:
